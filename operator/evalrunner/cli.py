@@ -1,0 +1,292 @@
+"""The `evalrunner` command.
+
+Exit codes:
+  0  the run completed and every case passed (other commands: success)
+  1  a case failed or errored, or the run was terminated; `verify`/`doctor` found a problem
+  2  bad input: a malformed suite file, an unknown run id, bad arguments
+  3  the run could not be recorded: the database is locked, unwritable or full,
+     or the final status write failed (the row is closed by the next command)
+  4  refused by the suite's lock policy (Forbid): another run of the suite is live
+  130/143  interrupted by SIGINT/SIGTERM; the run row is failed with cause shutdown_requested
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from . import __version__, admission, doctor, log, recovery, report
+from .models import RunStatus
+from .runner import ResumeError, RunOptions, StatusWriteFailed, run_suite
+from .runner.suite_run import DEFAULT_DEADLINE_GRACE_S
+from .store import DuckDBStore, StoreError
+from .store.duckdb_store import utcnow
+from .store.records import RunRow
+from .suites import SuiteFileError, load_suite
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_NOT_RECORDED, EXIT_REFUSED = 0, 1, 2, 3, 4
+
+
+def default_db_path() -> str:
+    """`$EVALRUNNER_DB`, else `$XDG_DATA_HOME/evalrunner/evalrunner.duckdb` (~/.local/share by default)."""
+    if os.environ.get("EVALRUNNER_DB"):
+        return os.environ["EVALRUNNER_DB"]
+    data_home = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(data_home, "evalrunner", "evalrunner.duckdb")
+
+
+class UsageError(Exception):
+    pass
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    suite = load_suite(args.suite)
+    with open_store(args) as store:
+        bar = report.ProgressBar(len(suite.cases), enabled=None if args.progress else False)
+        options = RunOptions(
+            resume_from=resolve_run_id(store, args.resume).id if args.resume else None,
+            deadline_grace_s=args.deadline_grace,
+            source=str(Path(args.suite).resolve()),
+            search_path=(str(Path(args.suite).resolve().parent),),
+            spool_db_path=store.path,
+        )
+        try:
+            result = asyncio.run(run_suite(suite, store, options, progress=lambda _id, o: bar.update(o.verdict)))
+        finally:
+            bar.finish()
+        cases = store.cases(result.run.id)
+        if args.junit:
+            Path(args.junit).write_bytes(report.junit_xml(result.run, cases))
+        if args.json:
+            print(report.dumps({"run": report.run_to_dict(result.run), "cases": [report.case_to_dict(c) for c in cases]}))
+        else:
+            print(report.run_summary_text(result.run, cases))
+        if result.shutdown_signal is not None:
+            return 128 + int(result.shutdown_signal)
+        run = result.run
+        if run.status == RunStatus.COMPLETED.value and not run.failed and not run.errored:
+            return EXIT_OK
+        return EXIT_FAILED
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    with open_store(args) as store:
+        runs = store.list_runs(status=args.status, suite=args.suite, limit=args.limit)
+        if args.json:
+            print(report.dumps([report.run_to_dict(r) for r in runs]))
+        else:
+            print(report.runs_text(runs) if runs else "no runs")
+    return EXIT_OK
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    with open_store(args) as store:
+        run = resolve_run_id(store, args.run_id)
+        cases = store.cases(run.id)
+        attempts = store.attempts(run.id)
+        if args.json:
+            print(report.dumps({
+                "run": report.run_to_dict(run),
+                "cases": [report.case_to_dict(c) for c in cases],
+                "attempts": [a.id for a in attempts],
+            }))
+            return EXIT_OK
+        print(report.run_summary_text(run, cases))
+        if run.owner:
+            print(f"owner: {run.owner.describe()}")
+        if len(attempts) > 1:
+            print("attempts: " + " -> ".join(f"{a.id} ({a.status})" for a in attempts))
+    return EXIT_OK
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    with open_store(args) as store:
+        run = resolve_run_id(store, args.run_id)
+        if run.status != RunStatus.RUNNING.value:
+            print(f"run {run.id} is already {run.status}" + (f" ({run.cause})" if run.cause else "") + "; nothing to do")
+            return EXIT_OK
+        try:
+            closed = recovery.recover_run(store, run, args.reason, force=args.force)
+        except recovery.RecoveryRefused as exc:
+            raise UsageError(str(exc)) from None
+        print(f"run {run.id} terminated: failed (manual)" if closed else f"run {run.id} was closed meanwhile")
+    return EXIT_OK
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    # open_store already swept with the default lease; sweep again with the one asked for.
+    with open_store(args) as store:
+        closed = recovery.sweep(store, utcnow(), heartbeat_timeout_s=args.heartbeat_timeout, db_path=store.path)
+        total = getattr(args, "_swept", []) + closed
+        for run in total:
+            print(f"terminated {run.id} ({run.suite}): {run.cause}: {run.error}")
+        print(f"{len(total)} run(s) terminated; {len(store.running_runs())} still running")
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """The runbook's Verify: no row is still `running` whose owner is gone."""
+    with open_store(args) as store:
+        for run in getattr(args, "_swept", []):
+            print(f"terminated {run.id} ({run.suite}): {run.cause}: {run.error}")
+        stuck, live = [], []
+        for run in store.running_runs():
+            orphan = recovery.classify_orphan(run, utcnow(), lambda o: recovery.local_liveness(o))
+            (stuck if orphan else live).append((run, orphan))
+        for run, _ in live:
+            print(f"running {run.id} ({run.suite}): owner {run.owner.describe() if run.owner else '?'} is live")
+        for run, orphan in stuck:
+            print(f"STUCK {run.id} ({run.suite}): {orphan.cause.value}: {orphan.reason}")
+        if stuck:
+            print(f"{len(stuck)} stuck run(s); `evalrunner sweep` terminates them")
+            return EXIT_FAILED
+        print("ok: no run is stuck at running")
+    return EXIT_OK
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    checks = doctor.diagnose(args.db)
+    for check in checks:
+        print(f"{'ok  ' if check.ok else 'FAIL'}  {check.name}: {check.detail}")
+    return EXIT_OK if all(c.ok for c in checks) else EXIT_FAILED
+
+
+# ---------------------------------------------------------------- helpers
+
+
+class open_store:
+    """Open the database and, unless --no-recover, terminate orphaned runs first."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+
+    def __enter__(self) -> DuckDBStore:
+        self.store = DuckDBStore.open(self.args.db)
+        if not self.args.no_recover:
+            self.args._swept = recovery.sweep(self.store, utcnow(), db_path=self.store.path)
+        return self.store
+
+    def __exit__(self, *exc: object) -> None:
+        self.store.close()
+
+
+def resolve_run_id(store: DuckDBStore, text: str) -> RunRow:
+    run = store.get_run(text)
+    if run:
+        return run
+    matches = store.find_runs_by_prefix(text)
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise UsageError(f"no run with id {text!r} in {store.path} (see `evalrunner runs`)")
+    raise UsageError(f"run id prefix {text!r} is ambiguous: {', '.join(m.id for m in matches)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--db", default=argparse.SUPPRESS, help=f"DuckDB file (default: {default_db_path()})")
+    common.add_argument("--log-format", choices=log.LOG_FORMATS, default=argparse.SUPPRESS)
+    common.add_argument("--log-level", default=argparse.SUPPRESS, help="debug, info, warning, error")
+    common.add_argument("--no-recover", action="store_true", default=argparse.SUPPRESS,
+                        help="do not terminate orphaned runs on open (inspect only)")
+
+    parser = argparse.ArgumentParser(
+        prog="evalrunner", parents=[common], description="Run eval suites; never leave a run stuck at running.",
+        epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"evalrunner {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, fn: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=help_text, description=help_text)
+        p.set_defaults(func=fn)
+        return p
+
+    p = add("run", cmd_run, "run a suite file and record it")
+    p.add_argument("suite", metavar="SUITE.yaml")
+    p.add_argument("--json", action="store_true", help="print the run and its cases as JSON")
+    p.add_argument("--junit", metavar="PATH", help="also write JUnit XML to PATH")
+    p.add_argument("--resume", metavar="RUN_ID", help="new attempt that carries over RUN_ID's completed cases")
+    p.add_argument("--deadline-grace", type=float, default=DEFAULT_DEADLINE_GRACE_S, metavar="S",
+                   help="seconds added to timeout_seconds * cases for the run's deadline (default %(default)s)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+    p = add("runs", cmd_runs, "list runs, newest first")
+    p.add_argument("--status", choices=[s.value for s in RunStatus])
+    p.add_argument("--suite")
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--json", action="store_true")
+
+    p = add("show", cmd_show, "show one run with its cases and attempts")
+    p.add_argument("run_id", metavar="RUN_ID", help="run id or a unique prefix")
+    p.add_argument("--json", action="store_true")
+
+    p = add("recover", cmd_recover, "terminate a stuck run (the runbook's manual recovery)")
+    p.add_argument("run_id", metavar="RUN_ID")
+    p.add_argument("--reason", help="recorded in the row's error")
+    p.add_argument("--force", action="store_true", help="even if its owner process is alive")
+
+    p = add("sweep", cmd_sweep, "terminate runs whose owner died, whose heartbeat lapsed or deadline passed")
+    p.add_argument("--heartbeat-timeout", type=float, default=recovery.DEFAULT_HEARTBEAT_TIMEOUT_S, metavar="S")
+
+    add("verify", cmd_verify, "the runbook's Verify: exit non-zero if any run is stuck at running")
+    add("doctor", cmd_doctor, "check the database: lock holder, writability, free disk, schema version")
+    return parser
+
+
+COMMANDS_WITHOUT_STORE = {"doctor"}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name, default in (("db", default_db_path()), ("log_format", "console"), ("log_level", "info"),
+                          ("no_recover", False)):
+        if not hasattr(args, name):
+            setattr(args, name, default)
+    try:
+        log.configure(args.log_format, args.log_level)
+    except ValueError as exc:
+        parser.error(str(exc))
+    try:
+        return args.func(args)
+    except SuiteFileError as exc:
+        return _fail(str(exc), EXIT_BAD_INPUT)
+    except (UsageError, ResumeError) as exc:
+        return _fail(str(exc), EXIT_BAD_INPUT)
+    except admission.RunRefused as exc:
+        return _fail(str(exc), EXIT_REFUSED)
+    except StatusWriteFailed as exc:
+        return _fail(str(exc), EXIT_NOT_RECORDED)
+    except StoreError as exc:
+        return _fail(str(exc), EXIT_NOT_RECORDED)
+    except _target_errors() as exc:
+        return _fail(f"{args.__dict__.get('suite', 'suite')}: target: {exc}", EXIT_BAD_INPUT)
+
+
+def _target_errors() -> tuple[type[BaseException], ...]:
+    from .scorers import ScorerError
+    from .targets import TargetError
+
+    return (TargetError, ScorerError)
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"evalrunner: error: {message}", file=sys.stderr)
+    return code
+
+
+def entrypoint() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entrypoint()
+

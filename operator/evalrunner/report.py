@@ -1,0 +1,153 @@
+"""What a person (or CI) reads after a run: progress, tables, JSON and JUnit XML."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import xml.etree.ElementTree as ET
+from datetime import datetime
+from typing import Any, Sequence, TextIO
+
+from .store.records import CaseRow, RunRow
+
+
+class ProgressBar:
+    """A one-line bar on a terminal; silent when stderr is not a terminal (logs suffice there)."""
+
+    def __init__(self, total: int, stream: TextIO | None = None, enabled: bool | None = None):
+        self.stream = stream or sys.stderr
+        self.enabled = self.stream.isatty() if enabled is None else enabled
+        self.total = total
+        self.counts = {"pass": 0, "fail": 0, "error": 0}
+        self._last_draw = 0.0
+
+    def update(self, verdict: str) -> None:
+        self.counts[verdict] = self.counts.get(verdict, 0) + 1
+        now = time.monotonic()
+        done = sum(self.counts.values())
+        if self.enabled and (now - self._last_draw > 0.1 or done == self.total):
+            self._last_draw = now
+            width = 30
+            filled = int(width * done / max(self.total, 1))
+            c = self.counts
+            self.stream.write(
+                f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total}  "
+                f"pass {c['pass']}  fail {c['fail']}  error {c['error']}"
+            )
+            self.stream.flush()
+
+    def finish(self) -> None:
+        if self.enabled and sum(self.counts.values()):
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def duration_s(run: RunRow, now: datetime | None = None) -> float | None:
+    start = run.started_at or run.created_at
+    end = run.completed_at or now
+    return (end - start).total_seconds() if start and end else None
+
+
+def run_to_dict(run: RunRow) -> dict[str, Any]:
+    data = {k: _plain(v) for k, v in run.__dict__.items()}
+    data["owner"] = run.owner.__dict__ if run.owner else None
+    data["duration_s"] = duration_s(run)
+    return data
+
+
+def case_to_dict(case: CaseRow) -> dict[str, Any]:
+    return {k: _plain(v) for k, v in case.__dict__.items()}
+
+
+def _plain(value: Any) -> Any:
+    return value.isoformat() if isinstance(value, datetime) else value
+
+
+def verdict(case: CaseRow) -> str:
+    if case.status == "running":
+        return "running"
+    if case.status == "failed":
+        return "error"
+    return "pass" if case.passed else "fail"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in cells]
+    return "\n".join(lines)
+
+
+def _cell(value: Any, limit: int = 60) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        text = f"{value:.3g}"
+    elif isinstance(value, datetime):
+        text = value.strftime("%Y-%m-%d %H:%M:%S")
+    else:
+        text = str(value)
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def run_summary_text(run: RunRow, cases: Sequence[CaseRow]) -> str:
+    rows = [
+        (c.name, verdict(c), c.score, None if c.duration_ms is None else f"{c.duration_ms:.0f}ms",
+         c.error or c.detail or ("carried over" if c.carried_from else None))
+        for c in cases
+    ]
+    body = table(["case", "result", "score", "time", "detail"], rows)
+    took = duration_s(run)
+    footer = (
+        f"run {run.id}  suite {run.suite}  attempt {run.attempt}  status {run.status}"
+        + (f" ({run.cause})" if run.cause else "")
+        + f"\npassed {run.passed or 0}  failed {run.failed or 0}  errored {run.errored or 0}"
+        + (f"  in {took:.2f}s" if took is not None else "")
+    )
+    if run.error and run.status == "failed":
+        footer += f"\nerror: {run.error}"
+    return f"{body}\n\n{footer}"
+
+
+def runs_text(runs: Sequence[RunRow]) -> str:
+    rows = [
+        (r.id, r.suite, r.status, r.cause, r.attempt, r.created_at, duration_s(r, datetime.now(r.created_at.tzinfo)),
+         f"{r.passed or 0}/{r.failed or 0}/{r.errored or 0}" if r.status != "running" else "-")
+        for r in runs
+    ]
+    return table(["run", "suite", "status", "cause", "attempt", "created", "secs", "pass/fail/err"], rows)
+
+
+def junit_xml(run: RunRow, cases: Sequence[CaseRow]) -> bytes:
+    suite_el = ET.Element(
+        "testsuite",
+        name=run.suite,
+        tests=str(len(cases)),
+        failures=str(sum(1 for c in cases if verdict(c) == "fail")),
+        errors=str(sum(1 for c in cases if verdict(c) in ("error", "running"))),
+        time=f"{duration_s(run) or 0:.3f}",
+        timestamp=(run.started_at or run.created_at).isoformat(),
+    )
+    props = ET.SubElement(suite_el, "properties")
+    for key in ("id", "status", "cause", "attempt", "parent_run_id"):
+        ET.SubElement(props, "property", name=f"run.{key}", value=str(getattr(run, key)))
+    for case in cases:
+        el = ET.SubElement(
+            suite_el, "testcase", classname=run.suite, name=case.name, time=f"{(case.duration_ms or 0) / 1000:.3f}"
+        )
+        v = verdict(case)
+        if v == "fail":
+            ET.SubElement(el, "failure", message=case.detail or "output did not match").text = case.output or ""
+        elif v in ("error", "running"):
+            ET.SubElement(el, "error", message=case.error or v, type=case.cause or "error")
+        if case.output:
+            ET.SubElement(el, "system-out").text = case.output
+    return ET.tostring(ET.ElementTree(suite_el).getroot(), encoding="utf-8", xml_declaration=True)
+
+
+def dumps(data: Any) -> str:
+    return json.dumps(data, indent=2, sort_keys=True, default=str)

@@ -1,0 +1,457 @@
+"""The DuckDB store: every state transition of runs and cases, and all SQL.
+
+Invariants kept here:
+
+- A row leaves `running` once. Every terminal write is a compare-and-set
+  (`... WHERE id = ? AND status = 'running' RETURNING`); a late writer gets
+  nothing back and learns it was fenced.
+- A run row and its still-running case rows become terminal in one
+  transaction (`_close_run`), whoever closes it: the runner itself, the
+  sweeper, the controller or a manual `evalrunner recover`.
+- One process opens the file read-write. Threads use their own cursor.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import duckdb
+
+from .. import admission
+from ..faults import Faults
+from ..models import Cause, LockPolicy, RunStatus
+from ..owner import Owner
+from . import errors
+from .records import Admission, CaseEvent, CaseRow, RunRequest, RunRow, SaveReport, case_row_id
+from .schema import CURRENT_VERSION, MIGRATIONS
+
+Clock = Callable[[], datetime]
+
+RUNNING = RunStatus.RUNNING.value
+COMPLETED = RunStatus.COMPLETED.value
+FAILED = RunStatus.FAILED.value
+
+RUN_COLUMNS = (
+    "id, suite, status, created_at, started_at, completed_at, error, cause, owner, heartbeat_at, "
+    "deadline_at, attempt, parent_run_id, timeout_seconds, case_count, passed, failed, errored, "
+    "lock_policy, terminated_by, source"
+)
+CASE_COLUMNS = (
+    "id, run_id, name, status, created_at, started_at, completed_at, error, cause, passed, score, "
+    "output, detail, duration_ms, carried_from"
+)
+
+# DuckDB raises TransactionException ("Conflict on update") when two
+# transactions update the same row; the second one is retried.
+_CONFLICT_RETRIES = 5
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def new_run_id(now: datetime) -> str:
+    # Sortable by creation time, unique without coordination.
+    return now.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+
+
+class DuckDBStore:
+    """One DuckDB file, opened read-write by this process."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, path: str, clock: Clock = utcnow, faults: Faults | None = None):
+        self._con = con
+        self.path = path
+        self.clock = clock
+        self.faults = faults if faults is not None else Faults.from_env()
+        self._local = threading.local()
+
+    # ------------------------------------------------------------ opening
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], clock: Clock = utcnow, faults: Faults | None = None) -> DuckDBStore:
+        """Open (creating if needed) and migrate; raise a StoreError with a clear message."""
+        path = str(path)
+        try:
+            if path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            con = duckdb.connect(path)
+        except (duckdb.Error, OSError) as exc:
+            raise (errors.translate(exc, path) or errors.StoreError(f"cannot open database {path}: {exc}")) from exc
+        store = cls(con, path, clock, faults)
+        try:
+            store._migrate()
+        except errors.StoreError:
+            con.close()
+            raise
+        except (duckdb.Error, OSError) as exc:
+            con.close()
+            raise (errors.translate(exc, path) or errors.StoreError(f"cannot prepare database {path}: {exc}")) from exc
+        return store
+
+    def close(self) -> None:
+        try:
+            self._con.close()
+        except duckdb.Error:
+            pass
+
+    def __enter__(self) -> DuckDBStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _cur(self) -> duckdb.DuckDBPyConnection:
+        cur = getattr(self._local, "cur", None)
+        if cur is None:
+            cur = self._con.cursor()
+            self._local.cur = cur
+        return cur
+
+    def schema_version(self) -> int:
+        row = self._cur().execute("SELECT max(version) FROM schema_version").fetchone()
+        return int(row[0] or 0)
+
+    def _migrate(self) -> None:
+        cur = self._cur()
+        cur.execute(
+            "CREATE TABLE IF NOT EXISTS schema_version "
+            "(version INTEGER PRIMARY KEY, description VARCHAR, applied_at TIMESTAMPTZ)"
+        )
+        found = self.schema_version()
+        if found > CURRENT_VERSION:
+            raise errors.StoreSchemaTooNewError(self.path, found, CURRENT_VERSION)
+        for migration in MIGRATIONS:
+            if migration.version <= found:
+                continue
+            cur.begin()
+            try:
+                for statement in migration.statements:
+                    cur.execute(statement)
+                cur.execute(
+                    "INSERT INTO schema_version VALUES (?, ?, ?)",
+                    [migration.version, migration.description, self.clock()],
+                )
+                cur.commit()
+            except BaseException:
+                cur.rollback()
+                raise
+
+    # ------------------------------------------------------------ transactions
+
+    def _transaction(self, body: Callable[[duckdb.DuckDBPyConnection], object]) -> object:
+        """Run `body` in a transaction, retrying DuckDB write-write conflicts."""
+        cur = self._cur()
+        for attempt in range(_CONFLICT_RETRIES):
+            cur.begin()
+            try:
+                result = body(cur)
+                cur.commit()
+                return result
+            except duckdb.TransactionException:
+                _rollback(cur)
+                if attempt == _CONFLICT_RETRIES - 1:
+                    raise
+                time.sleep(0.005 * (attempt + 1))
+            except BaseException:
+                _rollback(cur)
+                raise
+        raise AssertionError("unreachable")
+
+    # ------------------------------------------------------------ opening runs
+
+    def start_run(self, request: RunRequest) -> Admission:
+        """Insert a `running` row after applying the suite's lock policy, atomically.
+
+        Raises admission.RunRefused when the policy forbids it. Carried-over
+        cases (resume) are copied from the parent in the same transaction.
+        """
+
+        def body(cur: duckdb.DuckDBPyConnection) -> Admission:
+            now = self.clock()
+            live = self._select_runs(cur, "WHERE suite = ? AND status = 'running'", [request.suite])
+            decision = admission.decide(request.lock_policy, [r.id for r in live])
+            if not decision.admit:
+                raise admission.RunRefused(
+                    request.suite, [r.id for r in live], [r.owner.describe() if r.owner else "unknown owner" for r in live]
+                )
+            run_id = request.run_id or new_run_id(now)
+            replaced = []
+            for rid in decision.replace:
+                closed = self._close_run(
+                    cur, rid, FAILED, Cause.REPLACED.value, f"replaced by run {run_id}", "admission", now
+                )
+                if closed:
+                    replaced.append(closed)
+            attempt = 1
+            if request.parent_run_id:
+                parent = self._select_runs(cur, "WHERE id = ?", [request.parent_run_id])
+                attempt = (parent[0].attempt + 1) if parent else 1
+            n_cases = len(request.case_names)
+            deadline = now + timedelta(seconds=request.timeout_seconds * max(n_cases, 1) + request.deadline_grace_seconds)
+            cur.execute(
+                "INSERT INTO eval_runs (id, suite, status, created_at, started_at, owner, heartbeat_at, "
+                "deadline_at, attempt, parent_run_id, timeout_seconds, case_count, lock_policy, source) "
+                "VALUES (?, ?, 'running', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    run_id, request.suite, now, now, request.owner.to_json(), now, deadline, attempt,
+                    request.parent_run_id, request.timeout_seconds,
+                    n_cases + len(request.carried_case_names), request.lock_policy.value, request.source,
+                ],
+            )
+            if request.parent_run_id and request.carried_case_names:
+                cur.execute(
+                    f"INSERT INTO eval_cases ({CASE_COLUMNS}) "
+                    "SELECT ? || '/' || name, ?, name, status, ?, started_at, completed_at, error, cause, "
+                    "passed, score, output, detail, duration_ms, id "
+                    "FROM eval_cases WHERE run_id = ? AND status = 'completed' AND list_contains(?, name)",
+                    [run_id, run_id, now, request.parent_run_id, list(request.carried_case_names)],
+                )
+            row = self._select_runs(cur, "WHERE id = ?", [run_id])[0]
+            return Admission(run=row, replaced=tuple(replaced))
+
+        return self._transaction(body)  # type: ignore[return-value]
+
+    def completed_case_names(self, run_id: str) -> list[str]:
+        rows = self._cur().execute(
+            "SELECT name FROM eval_cases WHERE run_id = ? AND status = 'completed' ORDER BY name", [run_id]
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    # ------------------------------------------------------------ case rows
+
+    def save_cases(self, events: Sequence[CaseEvent]) -> SaveReport:
+        """Group-commit the latest state of each case; isolate rows that fail.
+
+        A batch is one transaction. If it fails, each row is retried on its
+        own so that one bad row (runbook case 1) cannot lose its siblings.
+        Nothing is written once the run row is no longer `running`.
+        """
+        report = SaveReport()
+        latest: dict[str, CaseEvent] = {}
+        for ev in events:
+            latest[ev.row_id] = ev
+        if not latest:
+            return report
+        batch = list(latest.values())
+        try:
+            fenced = self._transaction(lambda cur: self._upsert_cases(cur, batch))
+            report.fenced = bool(fenced)
+            return report
+        except duckdb.Error:
+            pass
+        for ev in batch:
+            try:
+                fenced = self._transaction(lambda cur, ev=ev: self._upsert_cases(cur, [ev]))
+                report.fenced = report.fenced or bool(fenced)
+            except duckdb.Error as exc:
+                report.failures[ev.row_id] = f"{type(exc).__name__}: {exc}"
+        return report
+
+    def _upsert_cases(self, cur: duckdb.DuckDBPyConnection, batch: list[CaseEvent]) -> bool:
+        """Returns True when the run is fenced (no longer running) and nothing was written."""
+        for ev in batch:
+            self.faults.check("case_save", ev.name)
+        run_ids = {ev.run_id for ev in batch}
+        live = cur.execute(
+            "SELECT count(*) FROM eval_runs WHERE list_contains(?, id) AND status = 'running'", [list(run_ids)]
+        ).fetchone()[0]
+        if live != len(run_ids):
+            return True
+        now = self.clock()
+        cols = list(zip(*[
+            (ev.row_id, ev.run_id, ev.name, ev.status, now, ev.started_at, ev.completed_at, ev.error, ev.cause,
+             ev.passed, ev.score, ev.output, ev.detail, ev.duration_ms)
+            for ev in batch
+        ]))
+        # Column-wise parameters + UNNEST: one statement for the whole batch.
+        # A terminal case row is never overwritten (the WHERE on the update).
+        cur.execute(
+            "INSERT INTO eval_cases (id, run_id, name, status, created_at, started_at, completed_at, error, "
+            "cause, passed, score, output, detail, duration_ms) "
+            "SELECT unnest($1::VARCHAR[]), unnest($2::VARCHAR[]), unnest($3::VARCHAR[]), unnest($4::VARCHAR[]), "
+            "unnest($5::TIMESTAMPTZ[]), unnest($6::TIMESTAMPTZ[]), unnest($7::TIMESTAMPTZ[]), unnest($8::VARCHAR[]), "
+            "unnest($9::VARCHAR[]), unnest($10::BOOLEAN[]), unnest($11::DOUBLE[]), unnest($12::VARCHAR[]), "
+            "unnest($13::VARCHAR[]), unnest($14::DOUBLE[]) "
+            "ON CONFLICT (id) DO UPDATE SET status = excluded.status, completed_at = excluded.completed_at, "
+            "error = excluded.error, cause = excluded.cause, passed = excluded.passed, score = excluded.score, "
+            "output = excluded.output, detail = excluded.detail, duration_ms = excluded.duration_ms "
+            "WHERE eval_cases.status = 'running'",
+            [list(c) for c in cols],
+        )
+        return False
+
+    # ------------------------------------------------------------ heartbeat
+
+    def heartbeat(self, run_id: str) -> bool:
+        """Refresh the lease. False means the row is no longer ours to write (fenced)."""
+        self.faults.check("heartbeat")
+
+        def body(cur: duckdb.DuckDBPyConnection) -> bool:
+            rows = cur.execute(
+                "UPDATE eval_runs SET heartbeat_at = ? WHERE id = ? AND status = 'running' RETURNING id",
+                [self.clock(), run_id],
+            ).fetchall()
+            return bool(rows)
+
+        return bool(self._transaction(body))
+
+    # ------------------------------------------------------------ terminal writes
+
+    def finish_run(
+        self,
+        run_id: str,
+        status: RunStatus,
+        cause: str | None = None,
+        error: str | None = None,
+        unsaved_cases: dict[str, str] | None = None,
+        terminated_by: str = "runner",
+    ) -> RunRow | None:
+        """The owner's own terminal write. None when someone else already closed the run."""
+        self.faults.check("suite_status_write")
+        now = self.clock()
+        return self._transaction(  # type: ignore[return-value]
+            lambda cur: self._close_run(cur, run_id, status.value, cause, error, terminated_by, now, unsaved_cases or {})
+        )
+
+    def terminate_run(self, run_id: str, cause: Cause | str, error: str, terminated_by: str) -> RunRow | None:
+        """Terminate a run on behalf of a dead or unreachable owner (recovery, controller, manual).
+
+        Same transaction shape as the owner's own failure write. None when the
+        run was already terminal.
+        """
+        now = self.clock()
+        cause_value = cause.value if isinstance(cause, Cause) else cause
+        return self._transaction(  # type: ignore[return-value]
+            lambda cur: self._close_run(cur, run_id, FAILED, cause_value, error, terminated_by, now)
+        )
+
+    def _close_run(
+        self,
+        cur: duckdb.DuckDBPyConnection,
+        run_id: str,
+        status: str,
+        cause: str | None,
+        error: str | None,
+        terminated_by: str,
+        now: datetime,
+        unsaved_cases: dict[str, str] | None = None,
+    ) -> RunRow | None:
+        still_running = cur.execute("SELECT 1 FROM eval_runs WHERE id = ? AND status = 'running'", [run_id]).fetchone()
+        if not still_running:
+            return None
+        for row_id, save_error in (unsaved_cases or {}).items():
+            name = row_id.split("/", 1)[-1]
+            cur.execute(
+                "INSERT INTO eval_cases (id, run_id, name, status, created_at, started_at, completed_at, error, cause) "
+                "VALUES (?, ?, ?, 'failed', ?, ?, ?, ?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET status = 'failed', completed_at = excluded.completed_at, "
+                "error = excluded.error, cause = excluded.cause WHERE eval_cases.status = 'running'",
+                [row_id, run_id, name, now, now, now, f"case result could not be saved: {save_error}",
+                 Cause.CASE_SAVE_FAILED.value],
+            )
+        case_cause = cause if status == FAILED else Cause.RUNNER_ERROR.value
+        cur.execute(
+            "UPDATE eval_cases SET status = 'failed', completed_at = ?, cause = ?, error = ? "
+            "WHERE run_id = ? AND status = 'running'",
+            [now, case_cause or Cause.RUNNER_ERROR.value, _case_error(status, cause, error), run_id],
+        )
+        rows = cur.execute(
+            "UPDATE eval_runs SET status = ?, cause = ?, error = ?, completed_at = ?, terminated_by = ?, "
+            "passed = (SELECT count(*) FROM eval_cases c WHERE c.run_id = eval_runs.id AND c.status = 'completed' AND c.passed), "
+            "failed = (SELECT count(*) FROM eval_cases c WHERE c.run_id = eval_runs.id AND c.status = 'completed' AND NOT c.passed), "
+            "errored = (SELECT count(*) FROM eval_cases c WHERE c.run_id = eval_runs.id AND c.status = 'failed') "
+            f"WHERE id = ? AND status = 'running' RETURNING {RUN_COLUMNS}",
+            [status, cause, error, now, terminated_by, run_id],
+        ).fetchall()
+        return _run_row(rows[0]) if rows else None
+
+    # ------------------------------------------------------------ reads
+
+    def running_runs(self) -> list[RunRow]:
+        return self._select_runs(self._cur(), "WHERE status = 'running' ORDER BY created_at", [])
+
+    def get_run(self, run_id: str) -> RunRow | None:
+        rows = self._select_runs(self._cur(), "WHERE id = ?", [run_id])
+        return rows[0] if rows else None
+
+    def find_runs_by_prefix(self, prefix: str, limit: int = 5) -> list[RunRow]:
+        return self._select_runs(
+            self._cur(), "WHERE starts_with(id, ?) ORDER BY created_at DESC LIMIT ?", [prefix, limit]
+        )
+
+    def list_runs(
+        self, status: str | None = None, suite: str | None = None, limit: int = 50, offset: int = 0
+    ) -> list[RunRow]:
+        where, params = _run_filters(status, suite)
+        return self._select_runs(
+            self._cur(), f"{where} ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?", [*params, limit, offset]
+        )
+
+    def count_runs(self, status: str | None = None, suite: str | None = None) -> int:
+        where, params = _run_filters(status, suite)
+        return int(self._cur().execute(f"SELECT count(*) FROM eval_runs {where}", params).fetchone()[0])
+
+    def attempts(self, run_id: str) -> list[RunRow]:
+        """The chain of attempts a run belongs to, oldest first."""
+        chain: list[RunRow] = []
+        current = self.get_run(run_id)
+        while current is not None and current.parent_run_id and len(chain) < 100:
+            parent = self.get_run(current.parent_run_id)
+            if parent is None:
+                break
+            chain.insert(0, parent)
+            current = parent
+        me = self.get_run(run_id)
+        if me:
+            chain.append(me)
+        children = self._select_runs(self._cur(), "WHERE parent_run_id = ? ORDER BY created_at", [run_id])
+        while children and len(chain) < 100:
+            chain.append(children[0])
+            children = self._select_runs(self._cur(), "WHERE parent_run_id = ? ORDER BY created_at", [children[0].id])
+        return chain
+
+    def cases(self, run_id: str) -> list[CaseRow]:
+        rows = self._cur().execute(
+            f"SELECT {CASE_COLUMNS} FROM eval_cases WHERE run_id = ? ORDER BY started_at NULLS LAST, name", [run_id]
+        ).fetchall()
+        return [CaseRow(*r) for r in rows]
+
+    def _select_runs(self, cur: duckdb.DuckDBPyConnection, tail: str, params: Iterable[object]) -> list[RunRow]:
+        rows = cur.execute(f"SELECT {RUN_COLUMNS} FROM eval_runs {tail}", list(params)).fetchall()
+        return [_run_row(r) for r in rows]
+
+
+def _run_filters(status: str | None, suite: str | None) -> tuple[str, list[object]]:
+    clauses, params = [], []
+    if status:
+        clauses.append("status = ?")
+        params.append(status)
+    if suite:
+        clauses.append("suite = ?")
+        params.append(suite)
+    return ("WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+def _run_row(r: Sequence[object]) -> RunRow:
+    values = list(r)
+    values[8] = Owner.from_json(values[8])  # type: ignore[arg-type]
+    return RunRow(*values)  # type: ignore[arg-type]
+
+
+def _case_error(status: str, cause: str | None, error: str | None) -> str:
+    if status == FAILED:
+        return f"run terminated ({cause}): {error}" if error else f"run terminated ({cause})"
+    return "case was still running when its run completed"
+
+
+def _rollback(cur: duckdb.DuckDBPyConnection) -> None:
+    try:
+        cur.rollback()
+    except duckdb.Error:
+        pass

@@ -1,0 +1,99 @@
+"""Store failures translated into messages that say what happened and what to do.
+
+DuckDB has no dedicated exception classes for a held lock, a read-only file
+or a full disk, so these are recognised by their message text.
+"""
+
+from __future__ import annotations
+
+import errno
+import re
+
+import duckdb
+import psutil
+
+
+class StoreError(Exception):
+    """The run could not be recorded. The message is meant for the user as is."""
+
+
+class StoreLockedError(StoreError):
+    def __init__(self, path: str, pid: int | None, holder: str | None):
+        self.path, self.pid, self.holder = path, pid, holder
+        who = f"process {pid}" if pid else "another process"
+        if holder:
+            who += f" ({holder})"
+        super().__init__(
+            f"database {path} is in use by {who}. DuckDB lets one process write a file at a time. "
+            "Wait for that run to finish (or stop it), use another file with --db, "
+            "or view it through the process that holds it (`evalrunner serve`)."
+        )
+
+
+class StoreReadOnlyError(StoreError):
+    def __init__(self, path: str, detail: str):
+        super().__init__(
+            f"database {path} cannot be written ({detail}). "
+            "Make the file and its directory writable, or use another file with --db."
+        )
+
+
+class StoreDiskFullError(StoreError):
+    def __init__(self, path: str, detail: str):
+        super().__init__(
+            f"no space left to write database {path} ({detail}). "
+            "Free disk space; no committed row is lost, and the next command terminates any run left running."
+        )
+
+
+class StoreSchemaTooNewError(StoreError):
+    def __init__(self, path: str, found: int, supported: int):
+        super().__init__(
+            f"database {path} has schema version {found}, but this evalrunner supports up to {supported}. "
+            "Upgrade evalrunner; the file was left untouched."
+        )
+
+
+class StoreCorruptError(StoreError):
+    def __init__(self, path: str, detail: str):
+        super().__init__(f"{path} is not a usable DuckDB database ({detail}). The file was left untouched.")
+
+
+_LOCK = re.compile(r"Could not set lock on file .*?Conflicting lock is held in (?P<exe>.*?) \(PID (?P<pid>\d+)\)", re.S)
+
+
+def translate(exc: BaseException, path: str) -> StoreError | None:
+    """Map a DuckDB or OS error to a StoreError, or None when it is not one we recognise."""
+    text = str(exc)
+    match = _LOCK.search(text)
+    if match:
+        pid = int(match.group("pid"))
+        return StoreLockedError(path, pid, _describe_process(pid) or match.group("exe"))
+    if "Could not set lock" in text:
+        return StoreLockedError(path, None, None)
+    lowered = text.lower()
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC or "no space left" in lowered:
+        return StoreDiskFullError(path, _first_line(text))
+    if (
+        isinstance(exc, PermissionError)
+        or "read-only file system" in lowered
+        or "permission denied" in lowered
+        or "cannot open file" in lowered and "read-only" in lowered
+    ):
+        return StoreReadOnlyError(path, _first_line(text))
+    if isinstance(exc, duckdb.SerializationException) or "not a valid duckdb database" in lowered:
+        return StoreCorruptError(path, _first_line(text))
+    return None
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else text
+
+
+def _describe_process(pid: int) -> str | None:
+    try:
+        proc = psutil.Process(pid)
+        cmd = " ".join(proc.cmdline())
+    except psutil.Error:
+        return None
+    return cmd[:200] or None

@@ -1,0 +1,127 @@
+"""Plain records that cross the store boundary (in process or over HTTP)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from ..models import LockPolicy
+from ..owner import Owner
+
+MAX_OUTPUT_CHARS = 64 * 1024
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """Everything needed to open a run row."""
+
+    suite: str
+    case_names: tuple[str, ...]  # cases this attempt will run (carried-over ones excluded)
+    timeout_seconds: float
+    owner: Owner
+    lock_policy: LockPolicy = LockPolicy.FORBID
+    deadline_grace_seconds: float = 60.0
+    parent_run_id: str | None = None
+    carried_case_names: tuple[str, ...] = ()
+    source: str | None = None
+    run_id: str | None = None  # chosen by the caller when it must be known in advance
+
+
+@dataclass(frozen=True)
+class RunRow:
+    id: str
+    suite: str
+    status: str
+    created_at: datetime
+    started_at: datetime | None
+    completed_at: datetime | None
+    error: str | None
+    cause: str | None
+    owner: Owner | None
+    heartbeat_at: datetime | None
+    deadline_at: datetime | None
+    attempt: int
+    parent_run_id: str | None
+    timeout_seconds: float | None
+    case_count: int | None
+    passed: int | None
+    failed: int | None
+    errored: int | None
+    lock_policy: str | None
+    terminated_by: str | None
+    source: str | None
+
+
+@dataclass(frozen=True)
+class CaseRow:
+    id: str
+    run_id: str
+    name: str
+    status: str
+    created_at: datetime
+    started_at: datetime | None
+    completed_at: datetime | None
+    error: str | None
+    cause: str | None
+    passed: bool | None
+    score: float | None
+    output: str | None
+    detail: str | None
+    duration_ms: float | None
+    carried_from: str | None
+
+
+@dataclass
+class CaseEvent:
+    """The latest known state of one case row, queued for the next group commit."""
+
+    row_id: str
+    run_id: str
+    name: str
+    status: str
+    started_at: datetime
+    completed_at: datetime | None = None
+    error: str | None = None
+    cause: str | None = None
+    passed: bool | None = None
+    score: float | None = None
+    output: str | None = None
+    detail: str | None = None
+    duration_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class Admission:
+    """The outcome of opening a run: the new row and any live runs it replaced."""
+
+    run: RunRow
+    replaced: tuple[RunRow, ...] = ()
+
+
+@dataclass
+class SaveReport:
+    failures: dict[str, str] = field(default_factory=dict)  # case row id -> error text
+    fenced: bool = False  # the run row is no longer running: stop writing
+
+
+def case_row_id(run_id: str, case_name: str) -> str:
+    return f"{run_id}/{case_name}"
+
+
+def clip_output(value: Any) -> str | None:
+    if value is None:
+        return None
+    text = value if isinstance(value, str) else _json(value)
+    if len(text) > MAX_OUTPUT_CHARS:
+        return text[:MAX_OUTPUT_CHARS] + f"… [truncated, {len(text)} chars]"
+    return text
+
+
+def _json(value: Any) -> str:
+    import json
+
+    try:
+        return json.dumps(value, ensure_ascii=False, sort_keys=True)
+    except (TypeError, ValueError):
+        return repr(value)

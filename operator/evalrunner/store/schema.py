@@ -1,0 +1,78 @@
+"""The database schema as an ordered list of migrations.
+
+`schema_version` records each applied migration. A database written by a
+newer release (a version above `CURRENT_VERSION`) is refused rather than
+guessed at. Constraints are kept to single-column primary keys: DuckDB turns
+an UPDATE of an indexed column into delete+insert, and foreign keys block
+later ALTERs.
+
+Timestamps are TIMESTAMPTZ so that the runbook's
+`completed_at = CURRENT_TIMESTAMP` stores the same instant we would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    description: str
+    statements: tuple[str, ...]
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "eval_runs and eval_cases with owner, heartbeat, deadline and cause",
+        (
+            """
+            CREATE TABLE eval_runs (
+                id               VARCHAR PRIMARY KEY,
+                suite            VARCHAR NOT NULL,
+                status           VARCHAR NOT NULL,
+                created_at       TIMESTAMPTZ NOT NULL,
+                started_at       TIMESTAMPTZ,
+                completed_at     TIMESTAMPTZ,
+                error            VARCHAR,
+                cause            VARCHAR,
+                owner            VARCHAR,
+                heartbeat_at     TIMESTAMPTZ,
+                deadline_at      TIMESTAMPTZ,
+                attempt          INTEGER NOT NULL DEFAULT 1,
+                parent_run_id    VARCHAR,
+                timeout_seconds  DOUBLE,
+                case_count       INTEGER,
+                passed           INTEGER,
+                failed           INTEGER,
+                errored          INTEGER,
+                lock_policy      VARCHAR,
+                terminated_by    VARCHAR,
+                source           VARCHAR
+            )
+            """,
+            """
+            CREATE TABLE eval_cases (
+                id            VARCHAR PRIMARY KEY,
+                run_id        VARCHAR NOT NULL,
+                name          VARCHAR NOT NULL,
+                status        VARCHAR NOT NULL,
+                created_at    TIMESTAMPTZ NOT NULL,
+                started_at    TIMESTAMPTZ,
+                completed_at  TIMESTAMPTZ,
+                error         VARCHAR,
+                cause         VARCHAR,
+                passed        BOOLEAN,
+                score         DOUBLE,
+                output        VARCHAR,
+                detail        VARCHAR,
+                duration_ms   DOUBLE,
+                carried_from  VARCHAR
+            )
+            """,
+        ),
+    ),
+)
+
+CURRENT_VERSION = MIGRATIONS[-1].version

@@ -1,0 +1,138 @@
+"""Load a suite file and refuse a malformed one with a message a person can act on.
+
+Every problem is reported as `FILE: FIELD.PATH: what is wrong`, all of them at
+once, so a user fixes the file in one go.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from . import scorers
+from .models import Suite
+
+MAX_SUITE_BYTES = 16 * 1024 * 1024
+
+
+class SuiteFileError(ValueError):
+    """A suite file that cannot be used. `problems` holds (field path, message) pairs."""
+
+    def __init__(self, source: str, problems: list[tuple[str, str]]):
+        self.source = source
+        self.problems = problems
+        lines = [f"{source}: {path}: {msg}" if path else f"{source}: {msg}" for path, msg in problems]
+        super().__init__("invalid suite\n  " + "\n  ".join(lines))
+
+
+def load_suite(path: str | Path) -> Suite:
+    source = str(path)
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise SuiteFileError(source, [("", "file not found")]) from None
+    except OSError as exc:
+        raise SuiteFileError(source, [("", f"cannot read file: {exc.strerror}")]) from None
+    if len(raw) > MAX_SUITE_BYTES:
+        raise SuiteFileError(source, [("", f"file is {len(raw)} bytes; the limit is {MAX_SUITE_BYTES}")])
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SuiteFileError(source, [("", f"not UTF-8 text (byte {exc.start})")]) from None
+    return parse_suite(text, source)
+
+
+def parse_suite(text: str, source: str = "<suite>") -> Suite:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SuiteFileError(source, [("", f"bad YAML: {where}{problem}")]) from None
+    return suite_from_data(data, source)
+
+
+def suite_from_data(data: Any, source: str = "<suite>") -> Suite:
+    if not isinstance(data, dict):
+        kind = "empty" if data is None else f"a {type(data).__name__}"
+        raise SuiteFileError(source, [("", f"a suite must be a mapping with name, target and cases; got {kind}")])
+    try:
+        suite = Suite.model_validate(data)
+    except ValidationError as exc:
+        raise SuiteFileError(source, _describe_all(exc.errors(), data)) from None
+    problems = scorers.check_patterns(suite)
+    if problems:
+        raise SuiteFileError(source, problems)
+    return suite
+
+
+# pydantic reports a value outside `JsonValue` once per union member (`.str`,
+# `.int`, ...); those tags in a path mark errors to fold into one message.
+JSON_UNION_TAGS = {"str", "int", "float", "bool", "list[any]", "dict[str,any]"}
+
+
+def _describe_all(errors: list[Any], data: Any) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    for err in errors:
+        loc = list(err.get("loc", ()))
+        tag_at = next((i for i, part in enumerate(loc) if part in JSON_UNION_TAGS), None)
+        if tag_at is None:
+            problems.append(_describe(err, data))
+            continue
+        path = _format_path(loc[:tag_at], data)
+        value = _value_at(data, loc[:tag_at])
+        got = "a mapping with non-string keys" if isinstance(value, dict) else f"a {type(value).__name__}"
+        problem = (path, f"must be text or JSON (string, number, boolean, null, list or mapping); got {got}")
+        if problem not in problems:
+            problems.append(problem)
+    return problems
+
+
+def _value_at(data: Any, loc: list[Any]) -> Any:
+    for part in loc:
+        try:
+            data = data[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return data
+
+
+def _describe(err: dict[str, Any], data: Any) -> tuple[str, str]:
+    loc = list(err.get("loc", ()))
+    # pydantic reports union/validator internals in the path; keep what the user wrote.
+    loc = [p for p in loc if p not in ("function-after[_exactly_one(), Target]",)]
+    path = _format_path(loc, data)
+    msg = err.get("msg", "invalid")
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    kind = err.get("type")
+    if kind == "missing":
+        msg = "required field is missing"
+    elif kind == "extra_forbidden":
+        msg = "unknown field"
+    elif kind == "literal_error" and path.endswith("name"):
+        msg = f"unknown scorer {err.get('input')!r}; expected one of exact, contains, regex, json_equal, numeric, custom"
+    elif kind == "string_pattern_mismatch":
+        msg = f"{err.get('input')!r} does not match the pattern {err.get('ctx', {}).get('pattern')}"
+    return path, msg
+
+
+def _format_path(loc: list[Any], data: Any) -> str:
+    """`cases[2].scorer.name`, naming a case by its id where it has one."""
+    out = ""
+    node = data
+    for part in loc:
+        if isinstance(part, int):
+            label = str(part)
+            if isinstance(node, list) and part < len(node) and isinstance(node[part], dict) and "id" in node[part]:
+                label = f"{part} (id={node[part]['id']})"
+            out += f"[{label}]"
+            node = node[part] if isinstance(node, list) and part < len(node) else None
+        else:
+            out += f".{part}" if out else str(part)
+            node = node.get(part) if isinstance(node, dict) else None
+    return out
