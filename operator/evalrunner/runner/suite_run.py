@@ -60,12 +60,14 @@ class RunResult:
 class StatusWriteFailed(Exception):
     """The final status write failed (runbook case 2). Carries the original outcome too."""
 
-    def __init__(self, run_id: str, intended: str, original: BaseException | None, write_error: BaseException):
-        self.run_id, self.intended, self.original, self.write_error = run_id, intended, original, write_error
-        original_text = f"; the run had failed with: {original!r}" if original else ""
+    def __init__(self, run_id: str, intended: str, reason: str | None, original: BaseException | None,
+                 write_error: BaseException):
+        self.run_id, self.intended, self.reason = run_id, intended, reason
+        self.original, self.write_error = original, write_error
+        why = f" ({reason})" if reason else ""
         super().__init__(
-            f"run {run_id} ended {intended}, but writing that to the database failed: "
-            f"{type(write_error).__name__}: {write_error}{original_text}. "
+            f"run {run_id} ended {intended}{why}, but writing that to the database failed: "
+            f"{type(write_error).__name__}: {write_error}. "
             "The row stays `running` until the next evalrunner command (or `evalrunner recover`) closes it."
         )
 
@@ -248,7 +250,8 @@ class _SuiteRun:
                 original_error=repr(original) if original else error, summary_file=str(spooled) if spooled else None,
                 exc_info=last_error,
             )
-            raise StatusWriteFailed(run.id, status.value, original, last_error) from last_error
+            reason = f"{cause_value}: {error}" if cause_value else error
+            raise StatusWriteFailed(run.id, status.value, reason, original, last_error) from last_error
 
         if final is None:  # someone else closed it first; their state stands
             final = await self.worker.call(self.store.get_run, run.id) or run

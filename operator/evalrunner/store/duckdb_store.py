@@ -153,11 +153,14 @@ class DuckDBStore:
                 result = body(cur)
                 cur.commit()
                 return result
-            except duckdb.TransactionException:
+            except duckdb.TransactionException as exc:
                 _rollback(cur)
-                if attempt == _CONFLICT_RETRIES - 1:
-                    raise
+                if "conflict" not in str(exc).lower() or attempt == _CONFLICT_RETRIES - 1:
+                    raise (errors.translate(exc, self.path) or exc) from exc
                 time.sleep(0.005 * (attempt + 1))
+            except duckdb.Error as exc:
+                _rollback(cur)
+                raise (errors.translate(exc, self.path) or exc) from exc
             except BaseException:
                 _rollback(cur)
                 raise
@@ -243,13 +246,13 @@ class DuckDBStore:
             fenced = self._transaction(lambda cur: self._upsert_cases(cur, batch))
             report.fenced = bool(fenced)
             return report
-        except duckdb.Error:
+        except (duckdb.Error, errors.StoreError):
             pass
         for ev in batch:
             try:
                 fenced = self._transaction(lambda cur, ev=ev: self._upsert_cases(cur, [ev]))
                 report.fenced = report.fenced or bool(fenced)
-            except duckdb.Error as exc:
+            except (duckdb.Error, errors.StoreError) as exc:
                 report.failures[ev.row_id] = f"{type(exc).__name__}: {exc}"
         return report
 

@@ -1,0 +1,263 @@
+"""The DuckDB store on real files: schema, compare-and-set transitions, clear errors."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from datetime import timedelta
+
+import duckdb
+import psutil
+import pytest
+
+from evalrunner.models import Cause, RunStatus
+from evalrunner.owner import Owner, this_process
+from evalrunner.store import CaseEvent, DuckDBStore, RunRequest
+from evalrunner.store import errors
+from evalrunner.store.duckdb_store import utcnow
+from evalrunner.store.schema import CURRENT_VERSION
+
+
+def request(suite: str = "s", cases=("a", "b", "c"), **kw) -> RunRequest:
+    return RunRequest(suite=suite, case_names=tuple(cases), timeout_seconds=2, owner=kw.pop("owner", this_process()), **kw)
+
+
+def case_event(run_id: str, name: str, status: str = "running", **kw) -> CaseEvent:
+    return CaseEvent(f"{run_id}/{name}", run_id, name, status, utcnow(), **kw)
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = DuckDBStore.open(tmp_path / "runs.duckdb")
+    yield s
+    s.close()
+
+
+def test_schema_has_the_runbook_columns_and_ours(store):
+    cols = {r[0] for r in store._cur().execute("DESCRIBE eval_runs").fetchall()}
+    assert {"id", "suite", "status", "created_at", "completed_at", "error"} <= cols  # runbook
+    assert {"cause", "owner", "heartbeat_at", "deadline_at", "attempt", "parent_run_id"} <= cols
+    case_cols = {r[0] for r in store._cur().execute("DESCRIBE eval_cases").fetchall()}
+    assert {"id", "run_id", "status", "error", "cause"} <= case_cols
+    versions = store._cur().execute("SELECT version FROM schema_version").fetchall()
+    assert versions[-1][0] == CURRENT_VERSION
+
+
+def test_reopening_does_not_reapply_migrations(tmp_path):
+    path = tmp_path / "db.duckdb"
+    DuckDBStore.open(path).close()
+    with DuckDBStore.open(path) as s:
+        assert s._cur().execute("SELECT count(*) FROM schema_version").fetchone()[0] == len(
+            __import__("evalrunner.store.schema", fromlist=["MIGRATIONS"]).MIGRATIONS
+        )
+
+
+def test_deadline_is_timeout_times_cases_plus_grace(store):
+    run = store.start_run(request(cases=("a", "b", "c"), deadline_grace_seconds=60)).run
+    assert run.deadline_at - run.started_at == timedelta(seconds=2 * 3 + 60)
+    assert run.owner == this_process()
+    assert run.heartbeat_at == run.started_at
+
+
+def test_terminal_row_never_changes_again(store):
+    run = store.start_run(request()).run
+    store.save_cases([case_event(run.id, "a", "completed", passed=True, score=1.0)])
+    done = store.finish_run(run.id, RunStatus.COMPLETED)
+    assert done.status == "completed" and done.passed == 1
+
+    # Every later writer is fenced: the runner again, recovery, a heartbeat, a case save.
+    assert store.finish_run(run.id, RunStatus.FAILED, Cause.KILLED.value, "late") is None
+    assert store.terminate_run(run.id, Cause.MANUAL, "late", "manual") is None
+    assert store.heartbeat(run.id) is False
+    report = store.save_cases([case_event(run.id, "b", "completed", passed=False)])
+    assert report.fenced
+    after = store.get_run(run.id)
+    assert (after.status, after.cause, after.error, after.completed_at) == ("completed", None, None, done.completed_at)
+    assert [c.name for c in store.cases(run.id)] == ["a"]
+
+
+def test_terminal_case_row_is_not_overwritten(store):
+    run = store.start_run(request()).run
+    store.save_cases([case_event(run.id, "a", "completed", passed=True, score=1.0, output="4")])
+    store.save_cases([case_event(run.id, "a", "running")])
+    store.save_cases([case_event(run.id, "a", "failed", error="late", cause="case_raised")])
+    (case,) = store.cases(run.id)
+    assert (case.status, case.passed, case.output, case.error) == ("completed", True, "4", None)
+
+
+def test_run_and_running_cases_terminate_in_one_transaction(store):
+    run = store.start_run(request()).run
+    store.save_cases([
+        case_event(run.id, "a", "completed", passed=True, score=1.0),
+        case_event(run.id, "b", "running"),
+        case_event(run.id, "c", "running"),
+    ])
+    closed = store.terminate_run(run.id, Cause.KILLED, "owner process is gone", "sweeper")
+    cases = {c.name: c for c in store.cases(run.id)}
+    assert closed.status == "failed" and closed.cause == "killed" and closed.terminated_by == "sweeper"
+    assert cases["a"].status == "completed"
+    assert {cases["b"].status, cases["c"].status} == {"failed"}
+    assert cases["b"].cause == "killed" and cases["b"].completed_at == closed.completed_at
+    assert (closed.passed, closed.failed, closed.errored) == (1, 0, 2)
+
+
+def test_a_failing_close_leaves_run_and_cases_untouched(store, monkeypatch):
+    """Atomicity: if the run update fails, the case updates roll back with it."""
+    run = store.start_run(request()).run
+    store.save_cases([case_event(run.id, "a", "running")])
+    store.faults = type(store.faults)("suite_status_write=*")
+    with pytest.raises(duckdb.IOException):
+        store.finish_run(run.id, RunStatus.FAILED, "runner_error", "x")
+    original = store._close_run
+
+    def close_then_fail(cur, *a, **kw):
+        original(cur, *a, **kw)
+        raise duckdb.IOException("IO Error: disk went away mid-transaction")
+
+    store.faults = type(store.faults)("")
+    monkeypatch.setattr(store, "_close_run", close_then_fail)
+    with pytest.raises(duckdb.IOException):
+        store.terminate_run(run.id, Cause.KILLED, "x", "sweeper")
+    assert store.get_run(run.id).status == "running"
+    assert store.cases(run.id)[0].status == "running"
+
+
+def test_concurrent_terminations_close_exactly_once(store):
+    """Two closers race (runner finishing, sweeper terminating): one wins, one is fenced."""
+    import threading
+
+    run = store.start_run(request()).run
+    results = []
+    barrier = threading.Barrier(2)
+
+    def closer(kind):
+        barrier.wait()
+        if kind == "runner":
+            results.append(("runner", store.finish_run(run.id, RunStatus.COMPLETED)))
+        else:
+            results.append(("sweeper", store.terminate_run(run.id, Cause.KILLED, "gone", "sweeper")))
+
+    threads = [threading.Thread(target=closer, args=(k,)) for k in ("runner", "sweeper")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [k for k, row in results if row is not None]
+    assert len(winners) == 1
+    final = store.get_run(run.id)
+    assert final.status == ("completed" if winners == ["runner"] else "failed")
+
+
+def test_schema_from_a_newer_release_is_refused_and_left_untouched(tmp_path):
+    path = tmp_path / "new.duckdb"
+    with DuckDBStore.open(path) as s:
+        s._cur().execute("INSERT INTO schema_version VALUES (99, 'from the future', now())")
+    before = path.read_bytes()
+    with pytest.raises(errors.StoreSchemaTooNewError) as exc:
+        DuckDBStore.open(path)
+    assert "schema version 99" in str(exc.value) and f"supports up to {CURRENT_VERSION}" in str(exc.value)
+    assert "Upgrade evalrunner" in str(exc.value)
+    assert path.read_bytes() == before
+
+
+def test_second_process_gets_a_clear_error_naming_the_holder(tmp_path):
+    path = tmp_path / "held.duckdb"
+    DuckDBStore.open(path).close()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import duckdb, time; c = duckdb.connect({str(path)!r}); print('ready', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        with pytest.raises(errors.StoreLockedError) as exc:
+            DuckDBStore.open(path)
+        message = str(exc.value)
+        assert f"process {holder.pid}" in message
+        assert "Wait for that run to finish" in message and "--db" in message
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_not_a_database_gives_a_clear_error(tmp_path):
+    path = tmp_path / "notes.duckdb"
+    path.write_text("these are my notes, not a database\n" * 100)
+    with pytest.raises(errors.StoreError) as exc:
+        DuckDBStore.open(path)
+    assert str(path) in str(exc.value)
+    assert path.read_text().startswith("these are my notes")
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A real 2 MiB filesystem (needs root to mount, as in CI)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0:
+        pytest.fail("this test mounts a tmpfs and must run as root (CI does)")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], check=True)
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_disk_gives_a_clear_error_and_loses_nothing(small_tmpfs):
+    path = small_tmpfs / "runs.duckdb"
+    with DuckDBStore.open(path) as s:
+        run = s.start_run(request()).run
+        s.save_cases([case_event(run.id, "a", "completed", passed=True, score=1.0)])
+        s.finish_run(run.id, RunStatus.COMPLETED)
+    with open(small_tmpfs / "filler", "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+        except OSError:
+            pass
+    with pytest.raises(errors.StoreError) as exc:
+        with DuckDBStore.open(path) as s:
+            big = s.start_run(request(suite="big", cases=[f"c{i}" for i in range(2000)])).run
+            for i in range(0, 2000, 100):
+                s.save_cases([case_event(big.id, f"c{i + j}", "completed", output="x" * 4000) for j in range(100)])
+            s._cur().execute("CHECKPOINT")
+    assert isinstance(exc.value, errors.StoreDiskFullError)
+    assert "no space left" in str(exc.value) and "no committed row is lost" in str(exc.value)
+    (small_tmpfs / "filler").unlink()
+    with DuckDBStore.open(path) as s:
+        kept = s.get_run(run.id)
+        assert kept.status == "completed" and kept.passed == 1
+
+
+def test_read_only_location_gives_a_clear_error(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    DuckDBStore.open(ro / "runs.duckdb").close()
+    if os.geteuid() == 0:  # root ignores file modes: make the filesystem itself read-only
+        subprocess.run(["mount", "--bind", str(ro), str(ro)], check=True)
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(ro)], check=True)
+    else:
+        os.chmod(ro / "runs.duckdb", 0o444)
+        os.chmod(ro, 0o555)
+    try:
+        with pytest.raises(errors.StoreError) as exc:
+            DuckDBStore.open(ro / "runs.duckdb")
+        message = str(exc.value)
+        assert "cannot be written" in message and str(ro / "runs.duckdb") in message
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["umount", str(ro)], check=False)
+
+
+def test_owner_liveness_tells_a_reused_pid_from_the_owner():
+    from evalrunner.owner import local_liveness
+
+    me = this_process()
+    assert local_liveness(me) == "alive"
+    assert local_liveness(Owner(**{**me.__dict__, "process_started_at": me.process_started_at - 3600})) == "dead"
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    assert local_liveness(Owner(kind="process", host=socket.gethostname(), pid=gone.pid, process_started_at=time.time())) == "dead"
+    assert local_liveness(Owner(kind="process", host="some-other-host", pid=1)) == "unknown"
+    assert local_liveness(Owner(kind="pod", namespace="ns", pod="p")) == "unknown"
