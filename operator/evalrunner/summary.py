@@ -67,6 +67,29 @@ def write_spooled(db_path: str, summary: RunSummary) -> Path | None:
         return None
 
 
+def spooler(db_path: str):
+    """A `keep_summary` for local runs: the summary goes beside the database file."""
+
+    def keep(summary: RunSummary) -> str | None:
+        path = write_spooled(db_path, summary)
+        return str(path) if path else None
+
+    return keep
+
+
+def termination_message_writer(path: str):
+    """A `keep_summary` for pods: the summary goes to the container's termination message."""
+
+    def keep(summary: RunSummary) -> str | None:
+        try:
+            Path(path).write_text(summary.to_json())
+            return path
+        except OSError:
+            return None
+
+    return keep
+
+
 def read_spooled(db_path: str, run_id: str) -> RunSummary | None:
     path = spool_dir(db_path) / f"{run_id}.json"
     try:

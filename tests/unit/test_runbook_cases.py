@@ -102,7 +102,8 @@ def test_case2_status_write_failure_then_next_command_closes_the_row(tmp_path):
     (event,) = events(result.stderr, "eval.suite_status_write_failed")
     run_id = event["run_id"]
     assert "Traceback" in event["exception"] and "IOException" in event["exception"]
-    assert "evalrunner: error: run" in result.stderr and "closes it" in result.stderr
+    (refusal,) = events(result.stderr, "cli.error")
+    assert refusal["exit_code"] == 3 and "closes it" in refusal["error"]
     # The row is stuck exactly as the runbook describes...
     assert rows(db, "SELECT status FROM eval_runs WHERE id = ?", [run_id]) == [("running",)]
 

@@ -13,6 +13,7 @@ from evalrunner.faults import Faults
 from evalrunner.runner import RunOptions, StatusWriteFailed, run_suite
 from evalrunner.store import DuckDBStore
 from evalrunner.suites import parse_suite
+from evalrunner.summary import spooler
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "suites"
 
@@ -148,7 +149,7 @@ def test_final_status_write_failure_is_logged_and_reraised_with_the_original(tmp
     db = tmp_path / "db.duckdb"
     with DuckDBStore.open(db, faults=Faults("suite_status_write=*")) as store:
         with pytest.raises(StatusWriteFailed) as exc:
-            run(suite, store, search_path=(str(EXAMPLES),), spool_db_path=str(db))
+            run(suite, store, search_path=(str(EXAMPLES),), keep_summary=spooler(str(db)))
         run_id = exc.value.run_id
         assert store.get_run(run_id).status == "running"  # stuck, as the runbook describes
         assert all(c.status == "completed" for c in store.cases(run_id))  # no case result lost

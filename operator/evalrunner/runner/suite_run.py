@@ -43,7 +43,9 @@ class RunOptions:
     persist: bool = True  # False only for benchmarks: case rows are not written
     source: str | None = None
     search_path: tuple[str, ...] = ()
-    spool_db_path: str | None = None  # where to leave the summary if the final write fails
+    # Where the summary goes when the final write fails (a spool file, a termination message);
+    # returns a description of where it was left, or None if it could not be kept.
+    keep_summary: Callable[[summary.RunSummary], str | None] | None = None
     handle_signals: bool = True
 
 
@@ -239,15 +241,15 @@ class _SuiteRun:
         else:
             assert last_error is not None
             counts = _counts(self.outcomes)
-            spooled = None
-            if self.options.spool_db_path:
-                spooled = summary.write_spooled(self.options.spool_db_path, summary.RunSummary(
+            kept = None
+            if self.options.keep_summary:
+                kept = self.options.keep_summary(summary.RunSummary(
                     run.id, self.suite.name, status.value, cause_value, error, *counts,
                     write_error=f"{type(last_error).__name__}: {last_error}",
                 ))
             self.log.error(
                 log.SUITE_STATUS_WRITE_FAILED, intended_status=status.value, cause=cause_value,
-                original_error=repr(original) if original else error, summary_file=str(spooled) if spooled else None,
+                original_error=repr(original) if original else error, summary_kept_at=kept,
                 exc_info=last_error,
             )
             reason = f"{cause_value}: {error}" if cause_value else error

@@ -13,6 +13,7 @@ Invariants kept here:
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import threading
@@ -40,7 +41,7 @@ FAILED = RunStatus.FAILED.value
 RUN_COLUMNS = (
     "id, suite, status, created_at, started_at, completed_at, error, cause, owner, heartbeat_at, "
     "deadline_at, attempt, parent_run_id, timeout_seconds, case_count, passed, failed, errored, "
-    "lock_policy, terminated_by, source"
+    "lock_policy, terminated_by, source, scope"
 )
 CASE_COLUMNS = (
     "id, run_id, name, status, created_at, started_at, completed_at, error, cause, passed, score, "
@@ -177,6 +178,10 @@ class DuckDBStore:
 
         def body(cur: duckdb.DuckDBPyConnection) -> Admission:
             now = self.clock()
+            if request.run_id:
+                existing = self._select_runs(cur, "WHERE id = ?", [request.run_id])
+                if existing:
+                    return self._replayed_start(existing[0], request)
             live = self._select_runs(cur, "WHERE suite = ? AND status = 'running'", [request.suite])
             decision = admission.decide(request.lock_policy, [r.id for r in live])
             if not decision.admit:
@@ -199,12 +204,13 @@ class DuckDBStore:
             deadline = now + timedelta(seconds=request.timeout_seconds * max(n_cases, 1) + request.deadline_grace_seconds)
             cur.execute(
                 "INSERT INTO eval_runs (id, suite, status, created_at, started_at, owner, heartbeat_at, "
-                "deadline_at, attempt, parent_run_id, timeout_seconds, case_count, lock_policy, source) "
-                "VALUES (?, ?, 'running', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "deadline_at, attempt, parent_run_id, timeout_seconds, case_count, lock_policy, source, scope) "
+                "VALUES (?, ?, 'running', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     run_id, request.suite, now, now, request.owner.to_json(), now, deadline, attempt,
                     request.parent_run_id, request.timeout_seconds,
                     n_cases + len(request.carried_case_names), request.lock_policy.value, request.source,
+                    request.scope,
                 ],
             )
             if request.parent_run_id and request.carried_case_names:
@@ -219,6 +225,13 @@ class DuckDBStore:
             return Admission(run=row, replaced=tuple(replaced))
 
         return self._transaction(body)  # type: ignore[return-value]
+
+    @staticmethod
+    def _replayed_start(existing: RunRow, request: RunRequest) -> Admission:
+        """A retried start of a run that already exists: the same owner gets it back, anyone else is refused."""
+        if existing.scope == request.scope and existing.owner == request.owner:
+            return Admission(run=existing)
+        raise RunIdTaken(existing.id)
 
     def completed_case_names(self, run_id: str) -> list[str]:
         rows = self._cur().execute(
@@ -374,6 +387,22 @@ class DuckDBStore:
         ).fetchall()
         return _run_row(rows[0]) if rows else None
 
+    # ------------------------------------------------------------ store-service tokens
+
+    def register_token(self, scope: str, token: str) -> None:
+        """Let `token` write runs of `scope` (idempotent). Only a hash is stored."""
+        self._transaction(lambda cur: cur.execute(
+            "INSERT INTO api_tokens VALUES (?, ?, ?) ON CONFLICT (token_sha256) DO NOTHING",
+            [_sha256(token), scope, self.clock()],
+        ))
+
+    def scope_for_token(self, token: str) -> str | None:
+        row = self._cur().execute("SELECT scope FROM api_tokens WHERE token_sha256 = ?", [_sha256(token)]).fetchone()
+        return row[0] if row else None
+
+    def revoke_scope(self, scope: str) -> None:
+        self._transaction(lambda cur: cur.execute("DELETE FROM api_tokens WHERE scope = ?", [scope]))
+
     # ------------------------------------------------------------ reads
 
     def running_runs(self) -> list[RunRow]:
@@ -428,6 +457,15 @@ class DuckDBStore:
     def _select_runs(self, cur: duckdb.DuckDBPyConnection, tail: str, params: Iterable[object]) -> list[RunRow]:
         rows = cur.execute(f"SELECT {RUN_COLUMNS} FROM eval_runs {tail}", list(params)).fetchall()
         return [_run_row(r) for r in rows]
+
+
+class RunIdTaken(errors.StoreError):
+    def __init__(self, run_id: str):
+        super().__init__(f"run id {run_id} already exists and belongs to another owner")
+
+
+def _sha256(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def _run_filters(status: str | None, suite: str | None) -> tuple[str, list[object]]:

@@ -26,6 +26,7 @@ class RunRequest:
     carried_case_names: tuple[str, ...] = ()
     source: str | None = None
     run_id: str | None = None  # chosen by the caller when it must be known in advance
+    scope: str | None = None  # the EvalRun (namespace/name/uid) whose token may write this run
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class RunRow:
     lock_policy: str | None
     terminated_by: str | None
     source: str | None
+    scope: str | None = None
 
 
 @dataclass(frozen=True)

@@ -75,4 +75,21 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
 )
 
+MIGRATIONS += (
+    Migration(
+        2,
+        "scope of a run (the EvalRun that owns it) and bearer tokens for the store service",
+        (
+            "ALTER TABLE eval_runs ADD COLUMN scope VARCHAR",
+            """
+            CREATE TABLE api_tokens (
+                token_sha256  VARCHAR PRIMARY KEY,
+                scope         VARCHAR NOT NULL,
+                created_at    TIMESTAMPTZ NOT NULL
+            )
+            """,
+        ),
+    ),
+)
+
 CURRENT_VERSION = MIGRATIONS[-1].version

@@ -1,0 +1,148 @@
+"""The runner API, version 1: start, report cases, heartbeat, finish.
+
+Handlers are thin: authenticate, parse, call the store on its thread, answer.
+Every call is idempotent so runners can retry after a lost response.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from aiohttp import web
+
+from .. import admission
+from ..models import RunStatus
+from ..store import wire
+from ..store.duckdb_store import RunIdTaken
+from ..store.records import RunRow
+from .auth import Caller
+from .context import CALLS, STORE, TOKENS, StoreCalls, http_error
+
+MAX_EVENTS_PER_BATCH = 10_000
+
+
+def add_routes(app: web.Application) -> None:
+    p = wire.API_PREFIX
+    app.router.add_post(f"{p}/runs", start_run)
+    app.router.add_get(f"{p}/runs/{{run_id}}", get_run)
+    app.router.add_get(f"{p}/runs/{{run_id}}/completed-cases", completed_cases)
+    app.router.add_post(f"{p}/runs/{{run_id}}/cases", save_cases)
+    app.router.add_post(f"{p}/runs/{{run_id}}/heartbeat", heartbeat)
+    app.router.add_post(f"{p}/runs/{{run_id}}/finish", finish_run)
+
+
+def _ctx(request: web.Request) -> tuple[Any, StoreCalls]:
+    return request.app[STORE], request.app[CALLS]
+
+
+async def _caller(request: web.Request) -> Caller:
+    caller = await request.app[CALLS](request.app[TOKENS].caller, request.headers.get("Authorization"))
+    if caller is None:
+        raise http_error(web.HTTPUnauthorized, "missing or unknown bearer token (Authorization: Bearer <token>)")
+    return caller
+
+
+async def _body(request: web.Request) -> Any:
+    try:
+        return await request.json()
+    except ValueError:
+        raise http_error(web.HTTPBadRequest, "request body is not valid JSON") from None
+
+
+async def _owned_run(request: web.Request, caller: Caller) -> RunRow:
+    store, calls = _ctx(request)
+    run_id = request.match_info["run_id"]
+    run = await calls(store.get_run, run_id)
+    if run is None:
+        raise http_error(web.HTTPNotFound, f"no run {run_id}")
+    if not caller.may_write(run.scope):
+        raise http_error(web.HTTPForbidden, f"this token may not access run {run_id} (it belongs to another EvalRun)")
+    return run
+
+
+async def start_run(request: web.Request) -> web.Response:
+    caller = await _caller(request)
+    try:
+        req = wire.run_request_from_json(await _body(request))
+    except wire.WireError as exc:
+        raise http_error(web.HTTPBadRequest, f"POST /runs: {exc}") from None
+    if not caller.is_admin:
+        if req.scope not in (None, caller.scope):
+            raise http_error(web.HTTPForbidden, "this token may not open runs for another EvalRun")
+        req = dataclasses.replace(req, scope=caller.scope)
+    if req.parent_run_id:
+        store, calls = _ctx(request)
+        parent = await calls(store.get_run, req.parent_run_id)
+        if parent is not None and not caller.may_write(parent.scope):
+            raise http_error(web.HTTPForbidden, f"this token may not resume run {req.parent_run_id}")
+    store, calls = _ctx(request)
+    try:
+        adm = await calls(store.start_run, req)
+    except admission.RunRefused as exc:
+        raise http_error(web.HTTPConflict, str(exc), kind="refused", suite=exc.suite,
+                     live_run_ids=list(exc.live_run_ids), owners=[]) from None
+    except RunIdTaken as exc:
+        raise http_error(web.HTTPConflict, str(exc), kind="run_id_taken") from None
+    return web.json_response(wire.admission_to_json(adm), status=201)
+
+
+async def get_run(request: web.Request) -> web.Response:
+    run = await _owned_run(request, await _caller(request))
+    return web.json_response(wire.run_row_to_json(run))
+
+
+async def completed_cases(request: web.Request) -> web.Response:
+    run = await _owned_run(request, await _caller(request))
+    store, calls = _ctx(request)
+    return web.json_response({"names": await calls(store.completed_case_names, run.id)})
+
+
+async def save_cases(request: web.Request) -> web.Response:
+    caller = await _caller(request)
+    run = await _owned_run(request, caller)
+    body = await _body(request)
+    events_json = body.get("events") if isinstance(body, dict) else None
+    if not isinstance(events_json, list):
+        raise http_error(web.HTTPBadRequest, "POST /runs/{id}/cases: body must be {\"events\": [...]}")
+    if len(events_json) > MAX_EVENTS_PER_BATCH:
+        raise http_error(web.HTTPRequestEntityTooLarge,
+                     f"{len(events_json)} events in one batch; the limit is {MAX_EVENTS_PER_BATCH}")
+    try:
+        events = [wire.case_event_from_json(e, i) for i, e in enumerate(events_json)]
+    except wire.WireError as exc:
+        raise http_error(web.HTTPBadRequest, str(exc)) from None
+    foreign = [e.row_id for e in events if e.run_id != run.id]
+    if foreign:
+        raise http_error(web.HTTPForbidden, f"events for other runs in a batch for run {run.id}: {foreign[:3]}")
+    store, calls = _ctx(request)
+    report = await calls(store.save_cases, events)
+    return web.json_response(wire.save_report_to_json(report))
+
+
+async def heartbeat(request: web.Request) -> web.Response:
+    run = await _owned_run(request, await _caller(request))
+    store, calls = _ctx(request)
+    return web.json_response({"alive": await calls(store.heartbeat, run.id)})
+
+
+async def finish_run(request: web.Request) -> web.Response:
+    run = await _owned_run(request, await _caller(request))
+    body = await _body(request)
+    if not isinstance(body, dict):
+        raise http_error(web.HTTPBadRequest, "POST /runs/{id}/finish: body must be an object")
+    try:
+        status = RunStatus(body.get("status"))
+    except ValueError:
+        raise http_error(web.HTTPBadRequest, f"status: must be completed or failed, not {body.get('status')!r}") from None
+    if status is RunStatus.RUNNING:
+        raise http_error(web.HTTPBadRequest, "status: a run can only finish as completed or failed")
+    store, calls = _ctx(request)
+    closed = await calls(store.finish_run, run.id, status, body.get("cause"), body.get("error"),
+                         dict(body.get("unsaved_cases") or {}))
+    if closed is not None:
+        return web.json_response({"applied": True, "run": wire.run_row_to_json(closed)})
+    current = await calls(store.get_run, run.id)
+    # A retry of a finish that already landed is a success, not a fence.
+    replay = current.terminated_by == "runner" and current.status == status.value and current.cause == body.get("cause")
+    return web.json_response({"applied": replay, "run": wire.run_row_to_json(current)})

@@ -1,0 +1,65 @@
+"""aiohttp application: the runner API, health, and shared plumbing.
+
+The DuckDB store is synchronous and must be written by one thread at a time,
+so every store call goes through one worker thread (`StoreCalls`); handlers
+stay thin and the event loop never blocks on the file.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Awaitable, Callable
+
+from aiohttp import web
+
+from ..store.duckdb_store import DuckDBStore
+from . import api
+from .auth import TokenCheck
+from .context import CALLS, STARTED, STORE, TOKENS, StoreCalls, json_error
+
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+
+
+@web.middleware
+async def errors_as_json(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+    try:
+        return await handler(request)
+    except web.HTTPRequestEntityTooLarge as exc:
+        return json_error(
+            413,
+            f"request body too large for {request.method} {request.path}: {exc.text}. "
+            f"The limit is {request.app._client_max_size} bytes; send fewer case results per request.",
+        )
+    except web.HTTPException as exc:
+        if exc.status >= 400 and exc.content_type != "application/json":
+            return json_error(exc.status, exc.reason)
+        raise
+
+
+def build_app(
+    store: DuckDBStore, admin_token: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+) -> web.Application:
+    app = web.Application(client_max_size=max_body_bytes, middlewares=[errors_as_json])
+    calls = StoreCalls()
+    app[STORE] = store
+    app[CALLS] = calls
+    app[TOKENS] = TokenCheck(store.scope_for_token, admin_token)
+    app[STARTED] = time.time()
+    app.router.add_get("/healthz", healthz)
+    api.add_routes(app)
+
+    async def stop_calls(_app: web.Application) -> None:
+        calls.shutdown()
+
+    app.on_cleanup.append(stop_calls)
+    return app
+
+
+async def healthz(request: web.Request) -> web.Response:
+    store = request.app[STORE]
+    calls = request.app[CALLS]
+    try:
+        version = await calls(store.schema_version)
+    except Exception as exc:  # the point of a health check is to say so, not to crash
+        return json_error(503, f"store unavailable: {exc}")
+    return web.json_response({"ok": True, "schema_version": version, "uptime_s": time.time() - request.app[STARTED]})
