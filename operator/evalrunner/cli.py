@@ -14,21 +14,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from . import __version__, admission, doctor, log, recovery, report
+from . import __version__, admission, doctor, log, recovery, report, summary
 from .models import RunStatus
 from .runner import ResumeError, RunOptions, StatusWriteFailed, run_suite
 from .runner.suite_run import DEFAULT_DEADLINE_GRACE_S
+from .owner import pod_from_env, this_process
 from .store import DuckDBStore, StoreError
+from .store.http_client import HttpStore
 from .store.duckdb_store import utcnow
 from .store.records import RunRow
 from .suites import SuiteFileError, load_suite
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_NOT_RECORDED, EXIT_REFUSED = 0, 1, 2, 3, 4
+
+# The event a refused command logs instead of its plain-text error line under --log-format json.
+CLI_ERROR = "cli.error"
 
 
 def default_db_path() -> str:
@@ -55,7 +61,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             deadline_grace_s=args.deadline_grace,
             source=str(Path(args.suite).resolve()),
             search_path=(str(Path(args.suite).resolve().parent),),
-            spool_db_path=store.path,
+            keep_summary=summary.spooler(store.path),
         )
         try:
             result = asyncio.run(run_suite(suite, store, options, progress=lambda _id, o: bar.update(o.verdict)))
@@ -74,6 +80,48 @@ def cmd_run(args: argparse.Namespace) -> int:
         if run.status == RunStatus.COMPLETED.value and not run.failed and not run.errored:
             return EXIT_OK
         return EXIT_FAILED
+
+
+def cmd_run_suite(args: argparse.Namespace) -> int:
+    """Inside a Job pod: report to the store service, and leave a summary as the termination message."""
+    suite = load_suite(args.suite)
+    if not args.store_url:
+        raise UsageError("run-suite needs --store-url (or EVALRUNNER_STORE_URL)")
+    store = HttpStore(args.store_url, os.environ.get("EVALRUNNER_STORE_TOKEN"))
+    keep = summary.termination_message_writer(args.termination_log)
+    options = RunOptions(
+        owner=pod_from_env() or this_process(),
+        resume_from=args.resume,
+        run_id=args.run_id,
+        deadline_grace_s=args.deadline_grace,
+        source=str(args.suite),
+        search_path=(str(Path(args.suite).resolve().parent),),
+        keep_summary=keep,
+        shutdown_defer_s=args.shutdown_defer,
+    )
+    result = asyncio.run(run_suite(suite, store, options))
+    run = result.run
+    keep(summary.RunSummary(run.id, run.suite, run.status, run.cause, run.error,
+                            run.passed or 0, run.failed or 0, run.errored or 0))
+    if result.shutdown_signal is not None:
+        return 128 + int(result.shutdown_signal)
+    if run.status == RunStatus.COMPLETED.value and not run.failed and not run.errored:
+        return EXIT_OK
+    return EXIT_FAILED
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The store service on a local file: runners elsewhere report with --store-url."""
+    from aiohttp import web
+
+    from .service import build_app
+
+    with open_store(args) as store:
+        admin = os.environ.get(args.admin_token_env)
+        app = build_app(store, admin_token=admin, sweep_interval_s=args.sweep_interval)
+        log.get().info("service.listening", url=f"http://{args.host}:{args.port}", db=store.path)
+        web.run_app(app, host=args.host, port=args.port, print=None, handle_signals=True)
+    return EXIT_OK
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
@@ -109,6 +157,11 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_recover(args: argparse.Namespace) -> int:
     with open_store(args) as store:
         run = resolve_run_id(store, args.run_id)
+        if any(swept.id == run.id for swept in getattr(args, "_swept", [])):
+            # The recovery on open closed it just now with a more precise cause than `manual`.
+            print(f"run {run.id} terminated: {run.status} ({run.cause}): {run.error}"
+                  + ("; --reason was not recorded" if args.reason else ""))
+            return EXIT_OK
         if run.status != RunStatus.RUNNING.value:
             print(f"run {run.id} is already {run.status}" + (f" ({run.cause})" if run.cause else "") + "; nothing to do")
             return EXIT_OK
@@ -141,7 +194,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
             orphan = recovery.classify_orphan(run, utcnow(), lambda o: recovery.local_liveness(o))
             (stuck if orphan else live).append((run, orphan))
         for run, _ in live:
-            print(f"running {run.id} ({run.suite}): owner {run.owner.describe() if run.owner else '?'} is live")
+            state = "is live" if recovery.local_liveness(run.owner) == "alive" else "cannot be checked from this host"
+            print(f"running {run.id} ({run.suite}): owner {run.owner.describe() if run.owner else '?'} {state}")
         for run, orphan in stuck:
             print(f"STUCK {run.id} ({run.suite}): {orphan.cause.value}: {orphan.reason}")
         if stuck:
@@ -218,6 +272,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds added to timeout_seconds * cases for the run's deadline (default %(default)s)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
+    p = add("run-suite", cmd_run_suite, "run a suite in a Job pod, reporting to the store service")
+    p.add_argument("suite", metavar="SUITE.yaml")
+    p.add_argument("--store-url", default=os.environ.get("EVALRUNNER_STORE_URL"),
+                   help="store service URL (default $EVALRUNNER_STORE_URL); token from $EVALRUNNER_STORE_TOKEN")
+    p.add_argument("--run-id", help="the run id the controller chose for this attempt")
+    p.add_argument("--resume", metavar="RUN_ID", help="carry over RUN_ID's completed cases")
+    p.add_argument("--deadline-grace", type=float, default=DEFAULT_DEADLINE_GRACE_S, metavar="S")
+    p.add_argument("--termination-log", default=os.environ.get("EVALRUNNER_TERMINATION_LOG", "/dev/termination-log"),
+                   help="where the final summary goes (the container's terminationMessagePath)")
+    p.add_argument("--shutdown-defer", type=float, default=2.0, metavar="S",
+                   help="on SIGTERM, wait this long for the controller to record why before writing "
+                        "shutdown_requested (default %(default)s)")
+
+    p = add("serve", cmd_serve, "serve the store API for a local database file")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--admin-token-env", default="EVALRUNNER_ADMIN_TOKEN", metavar="VAR",
+                   help="environment variable holding the admin token (default %(default)s)")
+    p.add_argument("--sweep-interval", type=float, default=5.0, metavar="S")
+
     p = add("runs", cmd_runs, "list runs, newest first")
     p.add_argument("--status", choices=[s.value for s in RunStatus])
     p.add_argument("--suite")
@@ -247,7 +321,8 @@ COMMANDS_WITHOUT_STORE = {"doctor"}
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name, default in (("db", default_db_path()), ("log_format", "console"), ("log_level", "info"),
+    for name, default in (("db", default_db_path()), ("log_format", os.environ.get("EVALRUNNER_LOG_FORMAT", "console")),
+                          ("log_level", os.environ.get("EVALRUNNER_LOG_LEVEL", "info")),
                           ("no_recover", False)):
         if not hasattr(args, name):
             setattr(args, name, default)
@@ -255,20 +330,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.configure(args.log_format, args.log_level)
     except ValueError as exc:
         parser.error(str(exc))
+    fail = functools.partial(_fail, log_format=args.log_format)
     try:
         return args.func(args)
     except SuiteFileError as exc:
-        return _fail(str(exc), EXIT_BAD_INPUT)
+        return fail(str(exc), EXIT_BAD_INPUT)
     except (UsageError, ResumeError) as exc:
-        return _fail(str(exc), EXIT_BAD_INPUT)
+        return fail(str(exc), EXIT_BAD_INPUT)
     except admission.RunRefused as exc:
-        return _fail(str(exc), EXIT_REFUSED)
+        return fail(str(exc), EXIT_REFUSED)
     except StatusWriteFailed as exc:
-        return _fail(str(exc), EXIT_NOT_RECORDED)
+        return fail(str(exc), EXIT_NOT_RECORDED)
     except StoreError as exc:
-        return _fail(str(exc), EXIT_NOT_RECORDED)
+        return fail(str(exc), EXIT_NOT_RECORDED)
     except _target_errors() as exc:
-        return _fail(f"{args.__dict__.get('suite', 'suite')}: target: {exc}", EXIT_BAD_INPUT)
+        return fail(f"{args.__dict__.get('suite', 'suite')}: target: {exc}", EXIT_BAD_INPUT)
 
 
 def _target_errors() -> tuple[type[BaseException], ...]:
@@ -278,8 +354,12 @@ def _target_errors() -> tuple[type[BaseException], ...]:
     return (TargetError, ScorerError)
 
 
-def _fail(message: str, code: int) -> int:
-    print(f"evalrunner: error: {message}", file=sys.stderr)
+def _fail(message: str, code: int, log_format: str = "console") -> int:
+    # With --log-format json every stderr line must stay a JSON object (log shippers parse them).
+    if log_format == "json":
+        log.get().error(CLI_ERROR, error=message, exit_code=code)
+    else:
+        print(f"evalrunner: error: {message}", file=sys.stderr)
     return code
 
 

@@ -37,6 +37,7 @@ Progress = Callable[[str, CaseOutcome], None]
 class RunOptions:
     owner: Owner | None = None
     resume_from: str | None = None  # a run id: carry over its completed cases, run the rest
+    run_id: str | None = None  # chosen by the caller (the controller names each attempt's run)
     deadline_grace_s: float = DEFAULT_DEADLINE_GRACE_S
     flush_interval_s: float = DEFAULT_FLUSH_INTERVAL_S
     heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S
@@ -47,6 +48,9 @@ class RunOptions:
     # returns a description of where it was left, or None if it could not be kept.
     keep_summary: Callable[[summary.RunSummary], str | None] | None = None
     handle_signals: bool = True
+    # In a pod, SIGTERM means the platform is stopping us, and the controller knows why
+    # (deleted, evicted, deadline). Give it this long to record that precise cause first.
+    shutdown_defer_s: float = 0.0
 
 
 @dataclass
@@ -132,6 +136,7 @@ class _SuiteRun:
             parent_run_id=self.options.resume_from,
             carried_case_names=tuple(carried),
             source=self.options.source,
+            run_id=self.options.run_id,
         )
         admission = await self.worker.call(self.store.start_run, request)  # RunRefused propagates
         run = admission.run
@@ -169,11 +174,25 @@ class _SuiteRun:
             finally:
                 await recorder.close()
 
+            if self.shutdown_signal is not None and not recorder.fenced and self.options.shutdown_defer_s > 0:
+                await self._defer_to_controller(run.id, recorder)
             if recorder.fenced:
                 final = await self.worker.call(self.store.get_run, run.id)
                 return self._result(final or run, carried, admission.replaced, fenced=True)
             final = await self._write_final(run, status, cause, error, original, recorder)
         return self._result(final, carried, admission.replaced)
+
+    async def _defer_to_controller(self, run_id: str, recorder: CaseRecorder) -> None:
+        loop = asyncio.get_running_loop()
+        until = loop.time() + self.options.shutdown_defer_s
+        while loop.time() < until:
+            try:
+                if not await self.worker.call(self.store.heartbeat, run_id):
+                    recorder.fenced = True  # closed by the controller with the precise cause
+                    return
+            except Exception:  # the store is unreachable; our own write below will say so
+                return
+            await asyncio.sleep(0.2)
 
     def _result(self, run: RunRow, carried: list[str], replaced: tuple[RunRow, ...], fenced: bool = False) -> RunResult:
         return RunResult(run, dict(self.outcomes), tuple(carried), replaced, self.shutdown_signal, fenced)

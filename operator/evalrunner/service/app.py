@@ -7,12 +7,14 @@ stay thin and the event loop never blocks on the file.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Awaitable, Callable
 
 from aiohttp import web
 
-from ..store.duckdb_store import DuckDBStore
+from .. import log, recovery
+from ..store.duckdb_store import DuckDBStore, utcnow
 from . import api
 from .auth import TokenCheck
 from .context import CALLS, STARTED, STORE, TOKENS, StoreCalls, json_error
@@ -37,8 +39,13 @@ async def errors_as_json(request: web.Request, handler: Callable[[web.Request], 
 
 
 def build_app(
-    store: DuckDBStore, admin_token: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    store: DuckDBStore,
+    admin_token: str | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    sweep_interval_s: float | None = None,
+    liveness: recovery.LivenessCheck | None = None,
 ) -> web.Application:
+    """The service app. With `sweep_interval_s`, orphans are swept in the background too."""
     app = web.Application(client_max_size=max_body_bytes, middlewares=[errors_as_json])
     calls = StoreCalls()
     app[STORE] = store
@@ -52,7 +59,27 @@ def build_app(
         calls.shutdown()
 
     app.on_cleanup.append(stop_calls)
+    if sweep_interval_s:
+        app.cleanup_ctx.append(_sweeper(store, calls, sweep_interval_s, liveness))
     return app
+
+
+def _sweeper(store: DuckDBStore, calls: StoreCalls, interval_s: float, liveness: recovery.LivenessCheck | None):
+    async def sweep_forever() -> None:
+        while True:
+            try:
+                await calls(lambda: recovery.sweep(store, utcnow(), liveness=liveness, db_path=store.path))
+            except Exception as exc:  # a failed sweep is retried next interval; say so, don't die
+                log.get().error("service.sweep_failed", error=f"{type(exc).__name__}: {exc}")
+            await asyncio.sleep(interval_s)
+
+    async def ctx(_app: web.Application):
+        task = asyncio.create_task(sweep_forever())
+        yield
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    return ctx
 
 
 async def healthz(request: web.Request) -> web.Response:
