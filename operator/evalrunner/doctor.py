@@ -30,6 +30,8 @@ def diagnose(db_path: str) -> list[Check]:
     checks = [Check("database file", True, f"{path} ({_size(path)})")]
     checks.append(_filesystem(path))
     checks.append(_free_disk(path))
+    if not path.exists():
+        return checks + [Check("open", True, "no database yet; the first `evalrunner run` creates it")]
     try:
         store = DuckDBStore.open(db_path)
     except errors.StoreLockedError as exc:
@@ -57,7 +59,7 @@ def _writable(store: DuckDBStore) -> Check:
     cur = store._cur()
     try:
         cur.begin()
-        cur.execute("CREATE TEMP TABLE IF NOT EXISTS doctor_probe (at TIMESTAMPTZ)")
+        cur.execute("CREATE TEMP TABLE IF NOT EXISTS doctor_probe (probed_at TIMESTAMPTZ)")
         cur.execute("UPDATE schema_version SET applied_at = applied_at WHERE version = (SELECT max(version) FROM schema_version)")
         cur.execute("INSERT INTO doctor_probe VALUES (?)", [utcnow()])
         cur.rollback()

@@ -134,7 +134,8 @@ def junit_xml(run: RunRow, cases: Sequence[CaseRow]) -> bytes:
     )
     props = ET.SubElement(suite_el, "properties")
     for key in ("id", "status", "cause", "attempt", "parent_run_id"):
-        ET.SubElement(props, "property", name=f"run.{key}", value=str(getattr(run, key)))
+        value = getattr(run, key)
+        ET.SubElement(props, "property", name=f"run.{key}", value="" if value is None else str(value))
     for case in cases:
         el = ET.SubElement(
             suite_el, "testcase", classname=run.suite, name=case.name, time=f"{(case.duration_ms or 0) / 1000:.3f}"

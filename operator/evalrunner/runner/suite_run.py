@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .. import log, recovery, summary
+from ..admission import RunRefused
 from ..models import Case, Cause, RunStatus, Suite
 from ..owner import Owner, this_process
 from ..scorers import build_scorer
@@ -138,7 +139,11 @@ class _SuiteRun:
             source=self.options.source,
             run_id=self.options.run_id,
         )
-        admission = await self.worker.call(self.store.start_run, request)  # RunRefused propagates
+        try:
+            admission = await self.worker.call(self.store.start_run, request)
+        except RunRefused as exc:
+            self.log.warning(log.SUITE_REFUSED, live_run_ids=list(exc.live_run_ids), lock_policy=self.suite.lock_policy.value)
+            raise
         run = admission.run
         self.log = log.get(run_id=run.id, suite=self.suite.name)
         for old in admission.replaced:
