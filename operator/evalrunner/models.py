@@ -1,21 +1,25 @@
 """The data the product speaks in: suites, cases, targets, scorers, run states.
 
 These frozen pydantic models are the single source of truth for the suite
-file format and (later) the EvalRun CRD schema. Field names are snake_case in
-Python and in suite files; camelCase aliases (`timeoutSeconds`) are accepted
-too, because the same suite is embedded in Kubernetes manifests.
+file format and the EvalRun CRD schema (`evalrunner.crd` generates it). Field
+names are snake_case in Python and in suite files; camelCase aliases
+(`timeoutSeconds`) are accepted too, because the same suite is embedded in
+Kubernetes manifests.
 """
 
 from __future__ import annotations
 
 import enum
 import re
+from datetime import datetime
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -94,13 +98,13 @@ class HttpTarget(Frozen):
         "`json`: POST {\"input\": ...} and read `output_field` of the reply.",
     )
     model: str | None = Field(default=None, description="Model name sent in openai-chat requests.")
-    system_prompt: str | None = None
+    system_prompt: str | None = Field(default=None, description="System message prepended in openai-chat requests.")
     api_key_env: str | None = Field(
         default=None,
         pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
         description="Environment variable holding the bearer token; never the key itself.",
     )
-    headers: dict[str, str] = Field(default_factory=dict)
+    headers: dict[str, str] = Field(default_factory=dict, description="Extra HTTP request headers.")
     output_field: str = Field(default="output", description="Reply field read by the `json` format.")
 
 
@@ -108,15 +112,27 @@ class CommandTarget(Frozen):
     """Run a command per case: input on stdin, output read from stdout."""
 
     argv: list[str] = Field(min_length=1, description="Program and arguments (no shell).")
-    env: dict[str, str] = Field(default_factory=dict)
+    env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables for the command.")
 
 
 class Target(Frozen):
-    """Exactly one of `python`, `http` or `command`."""
+    """What each case is run against: exactly one of `python`, `http` or `command`."""
 
-    python: PythonTarget | None = None
-    http: HttpTarget | None = None
-    command: CommandTarget | None = None
+    # The API server's twin of `_exactly_one`, for the EvalRun CRD.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "(has(self.python) ? 1 : 0) + (has(self.http) ? 1 : 0) + (has(self.command) ? 1 : 0) == 1",
+                    "message": "a target needs exactly one of `python`, `http` or `command`",
+                }
+            ]
+        }
+    )
+
+    python: PythonTarget | None = Field(default=None, description="Call a Python function in the runner.")
+    http: HttpTarget | None = Field(default=None, description="POST to an HTTP endpoint.")
+    command: CommandTarget | None = Field(default=None, description="Run a command per case.")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Target:
@@ -142,10 +158,29 @@ class Scorer(Frozen):
     """How a case's output is judged against `expected`.
 
     In a suite file a scorer is either its name (`exact`) or a mapping
-    (`{name: numeric, tolerance: 0.01}`).
+    (`{name: numeric, tolerance: 0.01}`); in an EvalRun it is always a mapping
+    (`{name: exact}`), because a Kubernetes structural schema gives each field
+    one type.
     """
 
-    name: ScorerName
+    # The API server's twin of `_custom_needs_callable`, for the EvalRun CRD.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "(self.name == 'custom') == has(self.callable)",
+                    "message": "the custom scorer needs `callable: module:function`, "
+                    "and only the custom scorer takes one",
+                }
+            ]
+        }
+    )
+
+    name: ScorerName = Field(
+        description="exact, contains, regex, json_equal, numeric, or custom (with `callable`).",
+        # Bounds the CEL rule above in the API server's cost estimate.
+        json_schema_extra={"maxLength": 16},
+    )
     case_sensitive: bool = Field(default=True, description="exact, contains, regex.")
     strip: bool = Field(default=True, description="exact: ignore surrounding whitespace.")
     tolerance: float = Field(default=0.0, ge=0, description="numeric: allowed absolute difference.")
@@ -178,25 +213,31 @@ JsonValue = Union[str, int, float, bool, None, list[Any], dict[str, Any]]
 
 
 class Case(Frozen):
+    """One input sent to the target and the expected output it is scored against."""
+
     id: str = Field(pattern=NAME_PATTERN, description="Unique within the suite.")
     input: JsonValue = Field(description="Sent to the target: text or JSON.")
-    expected: JsonValue = None
+    expected: JsonValue = Field(default=None, description="What the scorer compares the output with: text or JSON.")
     scorer: Scorer | None = Field(default=None, description="Defaults to the suite's `scorer`.")
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: dict[str, Any] = Field(default_factory=dict, description="Free-form data kept with the case.")
 
 
 class Suite(Frozen):
-    name: str = Field(pattern=NAME_PATTERN)
-    description: str | None = None
+    """A named list of cases, run against one target and scored."""
+
+    name: str = Field(pattern=NAME_PATTERN, description="Suite name; recorded on every run.")
+    description: str | None = Field(default=None, description="Free text for people.")
     timeout_seconds: float = Field(default=30, gt=0, le=86_400, description="Per case.")
-    concurrency: int = Field(default=4, ge=1, le=1024)
+    concurrency: int = Field(default=4, ge=1, le=1024, description="Cases run at the same time.")
     lock_policy: LockPolicy = Field(
         default=LockPolicy.FORBID,
         description="What a new run does while another run of this suite is live.",
     )
-    target: Target
-    scorer: Scorer = Field(default_factory=lambda: Scorer(name="exact"))
-    cases: list[Case] = Field(min_length=1)
+    target: Target = Field(description="What each case is run against.")
+    scorer: Scorer = Field(
+        default_factory=lambda: Scorer(name="exact"), description="Default scorer for cases without their own."
+    )
+    cases: list[Case] = Field(min_length=1, description="The cases; ids unique within the suite.")
 
     @field_validator("cases")
     @classmethod
@@ -220,3 +261,340 @@ _SAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 def safe_name(text: str) -> str:
     return _SAFE.sub("-", text)
+
+
+# ---------------------------------------------------------------- the EvalRun resource
+#
+# These models are the source of the EvalRun CRD schema (`evalrunner.crd`).
+# Every pydantic validator below has a twin the API server runs (a schema
+# bound or an `x-kubernetes-validations` CEL rule), so an invalid manifest is
+# refused at `kubectl apply`, and the controller refuses the same things when
+# it reads a resource that predates a stricter schema.
+
+# A suite name becomes part of ConfigMap, Job and pod names and label values.
+DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+CONFIGMAP_KEY_PATTERN = r"^[-._a-zA-Z0-9]+$"
+# A Kubernetes resource quantity (`500m`, `1.5`, `512Mi`, `1e3`).
+QUANTITY_PATTERN = r"^\+?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+|[numkMGTPE]|[KMGTPE]i)?$"
+# metav1.Condition's own bounds.
+CONDITION_TYPE_PATTERN = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])$"
+)
+CONDITION_REASON_PATTERN = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
+
+MAX_SUITE_NAME = 40
+MAX_SUITES = 50
+# Bounds that keep the CEL rules under the API server's cost budget (the cost
+# estimator multiplies a rule's cost by the most items it can run over).
+MAX_INLINE_CASES = 10_000
+# Suite-level fields that a configMapRef suite takes from the referenced file.
+INLINE_ONLY_FIELDS = ("description", "timeout_seconds", "concurrency", "target", "scorer", "cases")
+
+
+def duplicates(names: list[str]) -> list[str]:
+    seen: set[str] = set()
+    return sorted({n for n in names if n in seen or seen.add(n)})  # type: ignore[func-returns-value]
+
+
+def _quantity_text(value: Any) -> Any:
+    # YAML `cpu: 1` arrives as an int; Kubernetes accepts it, so do we.
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
+Quantity = Annotated[
+    str,
+    BeforeValidator(_quantity_text),
+    Field(pattern=QUANTITY_PATTERN),
+    WithJsonSchema(
+        {
+            "x-kubernetes-int-or-string": True,
+            "anyOf": [{"type": "integer"}, {"type": "string"}],
+            "pattern": QUANTITY_PATTERN,
+        }
+    ),
+]
+
+
+class ResourceAmounts(Frozen):
+    """Amounts of compute resources, as Kubernetes quantities."""
+
+    cpu: Quantity | None = Field(default=None, description="CPU, e.g. `500m` or `2`.")
+    memory: Quantity | None = Field(default=None, description="Memory, e.g. `512Mi` or `2Gi`.")
+    ephemeral_storage: Quantity | None = Field(
+        default=None, alias="ephemeral-storage", description="Local scratch space, e.g. `1Gi`."
+    )
+
+    def as_resource_list(self) -> dict[str, str]:
+        return self.model_dump(by_alias=True, exclude_none=True)
+
+
+class Resources(Frozen):
+    """Compute resources of each runner pod (the Job's container)."""
+
+    requests: ResourceAmounts | None = Field(default=None, description="What the scheduler reserves for the pod.")
+    limits: ResourceAmounts | None = Field(
+        default=None, description="Hard caps; a runner above its memory limit is OOM-killed (cause `oom_killed`)."
+    )
+
+    def as_requirements(self) -> dict[str, dict[str, str]]:
+        out = {}
+        for key, amounts in (("requests", self.requests), ("limits", self.limits)):
+            if amounts is not None and amounts.as_resource_list():
+                out[key] = amounts.as_resource_list()
+        return out
+
+
+class ConfigMapSuiteRef(Frozen):
+    """A suite file kept in a ConfigMap in the EvalRun's namespace."""
+
+    name: str = Field(max_length=253, pattern=DNS_SUBDOMAIN_PATTERN, description="ConfigMap name.")
+    key: str = Field(
+        default="suite.yaml",
+        max_length=253,
+        pattern=CONFIGMAP_KEY_PATTERN,
+        description="Key holding the suite YAML. Default: suite.yaml.",
+    )
+
+
+class EvalRunSuite(Frozen):
+    """One suite of an EvalRun: inline (`target` and `cases`) or by `configMapRef`.
+
+    Each suite runs as its own Job. A configMapRef suite takes everything but
+    its name and concurrency policy from the referenced suite file.
+    """
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "has(self.cases) != has(self.configMapRef)",
+                    "message": "a suite needs exactly one of `cases` (an inline suite) or `configMapRef`",
+                },
+                {
+                    "rule": "!has(self.cases) || has(self.configMapRef) || has(self.target)",
+                    "message": "an inline suite needs a `target`",
+                },
+                {
+                    "rule": "!has(self.configMapRef) || !(has(self.description) || has(self.timeoutSeconds) "
+                    "|| has(self.concurrency) || has(self.target) || has(self.scorer))",
+                    "message": "a configMapRef suite takes description, timeoutSeconds, concurrency, target and "
+                    "scorer from the referenced suite file; remove them here",
+                },
+            ]
+        }
+    )
+
+    name: str = Field(
+        min_length=1,
+        max_length=MAX_SUITE_NAME,
+        pattern=DNS_LABEL_PATTERN,
+        description="Suite name, unique in the EvalRun: lower-case letters, digits and '-', at most 40 "
+        "characters (it becomes part of Job and ConfigMap names).",
+    )
+    description: str | None = Field(default=None, description="Inline suites: free text for people.")
+    timeout_seconds: float | None = Field(
+        default=None, gt=0, le=86_400, description="Inline suites: per-case timeout in seconds. Default: 30."
+    )
+    concurrency: int | None = Field(
+        default=None, ge=1, le=1024, description="Inline suites: cases run at the same time. Default: 4."
+    )
+    target: Target | None = Field(default=None, description="Inline suites: what each case is run against.")
+    scorer: Scorer | None = Field(
+        default=None, description="Inline suites: default scorer for cases without their own. Default: exact."
+    )
+    cases: list[Case] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_INLINE_CASES,
+        description="Inline suites: the cases, ids unique. Large suites belong in a ConfigMap (`configMapRef`).",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["id"]},
+    )
+    config_map_ref: ConfigMapSuiteRef | None = Field(
+        default=None, description="Run the suite file in this ConfigMap instead of inline cases."
+    )
+    concurrency_policy: LockPolicy | None = Field(
+        default=None,
+        description="What a new run of this suite does while another run of it is live: Allow, Forbid or "
+        "Replace. Default: the EvalRun's concurrencyPolicy.",
+    )
+
+    @field_validator("cases")
+    @classmethod
+    def _unique_case_ids(cls, cases: list[Case] | None) -> list[Case] | None:
+        if cases and (dupes := duplicates([c.id for c in cases])):
+            raise ValueError(f"duplicate case id(s): {', '.join(dupes)}")
+        return cases
+
+    @model_validator(mode="after")
+    def _inline_or_reference(self) -> EvalRunSuite:
+        if (self.cases is None) == (self.config_map_ref is None):
+            raise ValueError("a suite needs exactly one of `cases` (an inline suite) or `configMapRef`")
+        if self.cases is not None and self.target is None:
+            raise ValueError("an inline suite needs a `target`")
+        if self.config_map_ref is not None:
+            extra = [to_camel(f) for f in INLINE_ONLY_FIELDS if f != "cases" and getattr(self, f) is not None]
+            if extra:
+                raise ValueError(
+                    f"a configMapRef suite takes {', '.join(extra)} from the referenced suite file; remove them here"
+                )
+        return self
+
+    @property
+    def is_inline(self) -> bool:
+        return self.cases is not None
+
+    def to_suite(self, lock_policy: LockPolicy) -> Suite:
+        """The suite file an inline suite stands for (what the runner loads)."""
+        if not self.is_inline:
+            raise ValueError(f"suite {self.name!r} is a configMapRef suite; its file lives in the ConfigMap")
+        fields = {f: getattr(self, f) for f in INLINE_ONLY_FIELDS if getattr(self, f) is not None}
+        return Suite(name=self.name, lock_policy=lock_policy, **fields)
+
+
+class EvalRunSpec(Frozen):
+    """What to run: suites, each as a Kubernetes Job of the runner image, with retries that resume."""
+
+    image: str = Field(
+        default="evalrunner:0.1.0",
+        min_length=1,
+        max_length=512,
+        description="The runner image. Default: evalrunner:0.1.0.",
+    )
+    suites: list[EvalRunSuite] = Field(
+        min_length=1,
+        max_length=MAX_SUITES,
+        description="The suites to run (1 to 50), each as its own Job; names unique.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    retries: int = Field(
+        default=0,
+        ge=0,
+        le=10,
+        description="Pod attempts after the first, per suite; a new attempt resumes, keeping the cases "
+        "earlier attempts completed. Default: 0.",
+    )
+    concurrency_policy: LockPolicy = Field(
+        default=LockPolicy.FORBID,
+        description="Default for the suites' concurrencyPolicy: what a new run of a suite does while another "
+        "run of it is live (Allow: run side by side; Forbid: refuse; Replace: terminate the live run). "
+        "Default: Forbid.",
+    )
+    resources: Resources | None = Field(default=None, description="Compute resources of each runner pod.")
+    service_account_name: str | None = Field(
+        default=None,
+        max_length=253,
+        pattern=DNS_SUBDOMAIN_PATTERN,
+        description="Service account of the runner pods. Its API token is not mounted (runners never call "
+        "the Kubernetes API).",
+    )
+    start_timeout_seconds: int = Field(
+        default=120,
+        ge=1,
+        le=86_400,
+        description="How long a runner pod may stay Pending with an image-pull or scheduling failure before "
+        "its attempt fails with cause never_started. Default: 120.",
+    )
+    deadline_grace_seconds: int = Field(
+        default=60,
+        ge=0,
+        le=86_400,
+        description="Added to timeoutSeconds x cases for each Job's activeDeadlineSeconds. Default: 60.",
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        default=None,
+        ge=0,
+        le=31_536_000,
+        description="Delete each finished Job (and its pod) this many seconds after it ends. Default: keep "
+        "them until the EvalRun is deleted.",
+    )
+
+    @field_validator("suites")
+    @classmethod
+    def _unique_suite_names(cls, suites: list[EvalRunSuite]) -> list[EvalRunSuite]:
+        if dupes := duplicates([s.name for s in suites]):
+            raise ValueError(f"duplicate suite name(s): {', '.join(dupes)}")
+        return suites
+
+    def policy_for(self, suite: EvalRunSuite) -> LockPolicy:
+        return suite.concurrency_policy or self.concurrency_policy
+
+    def suite(self, name: str) -> EvalRunSuite:
+        return next(s for s in self.suites if s.name == name)
+
+
+class EvalRunPhase(str, enum.Enum):
+    """Lifecycle of an EvalRun and of each of its suites."""
+
+    PENDING = "Pending"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+
+class Condition(Frozen):
+    """A Kubernetes condition (metav1.Condition): the latest observation of one aspect of the EvalRun."""
+
+    type: str = Field(max_length=316, pattern=CONDITION_TYPE_PATTERN, description="Condition type, e.g. Ready.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(
+        min_length=1,
+        max_length=1024,
+        pattern=CONDITION_REASON_PATTERN,
+        description="CamelCase reason for the last transition.",
+    )
+    message: str = Field(default="", max_length=32_768, description="Human-readable details.")
+    last_transition_time: datetime = Field(description="When status last changed.")
+    observed_generation: int | None = Field(
+        default=None, ge=0, description="The metadata.generation this condition was set from."
+    )
+
+
+class EvalRunSuiteStatus(Frozen):
+    """The latest attempt of one suite. Results stay in the store; this holds counts and ids."""
+
+    name: str = Field(max_length=MAX_SUITE_NAME, description="Suite name, as in spec.suites.")
+    run_id: str | None = Field(default=None, max_length=253, description="Store run id of the latest attempt.")
+    attempt: int = Field(default=0, ge=0, description="Latest attempt, from 1; 0 before the first starts.")
+    phase: EvalRunPhase = Field(default=EvalRunPhase.PENDING, description="Pending, Running, Succeeded or Failed.")
+    passed: int = Field(default=0, ge=0, description="Cases that passed.")
+    failed: int = Field(default=0, ge=0, description="Cases scored as failing.")
+    errored: int = Field(default=0, ge=0, description="Cases that could not be run or scored.")
+    cause: Cause | None = Field(default=None, description="Why the latest attempt failed, from a closed set.")
+    message: str | None = Field(default=None, max_length=4096, description="Details of the latest transition.")
+    job_name: str | None = Field(default=None, max_length=63, description="Job of the latest attempt.")
+
+
+class EvalRunStatus(Frozen):
+    """Observed state, rebuilt by the controller from the Jobs, pods and store rows."""
+
+    phase: EvalRunPhase = Field(default=EvalRunPhase.PENDING, description="Pending, Running, Succeeded or Failed.")
+    observed_generation: int | None = Field(
+        default=None, ge=0, description="The metadata.generation this status was computed from."
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        max_length=32,
+        description="Kubernetes-style conditions, one per type.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    suites: list[EvalRunSuiteStatus] = Field(
+        default_factory=list,
+        max_length=MAX_SUITES,
+        description="Per suite: latest attempt, run id, counts and cause.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    progress: str | None = Field(
+        default=None,
+        max_length=16,
+        pattern=r"^[0-9]+/[0-9]+$",
+        description="Finished suites out of all suites, e.g. 1/2 (the Suites column of kubectl get).",
+    )
+    started_at: datetime | None = Field(default=None, description="When the first Job was created.")
+    completed_at: datetime | None = Field(default=None, description="When the last suite finished.")
+    passed: int = Field(default=0, ge=0, description="Cases that passed, over all suites' latest attempts.")
+    failed: int = Field(default=0, ge=0, description="Cases scored as failing, over all suites' latest attempts.")
+    errored: int = Field(default=0, ge=0, description="Cases that errored, over all suites' latest attempts.")

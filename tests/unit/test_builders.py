@@ -1,0 +1,298 @@
+"""The pure builders of an EvalRun's children, from plain dicts (no API server)."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import re
+from typing import Any
+
+import pytest
+
+from evalrunner.controller import builders as b
+from evalrunner.models import EvalRunSpec, LockPolicy
+from evalrunner.suites import parse_suite
+
+UID = "0f4c2a9e-1b2c-4d5e-8f90-123456789abc"
+STORE = "http://evalrunner-store.evals.svc:8080"
+DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+
+
+def evalrun(name: str = "nightly", **spec_overrides: Any) -> dict[str, Any]:
+    spec = {
+        "suites": [
+            {
+                "name": "qa-smoke",
+                "timeoutSeconds": 30,
+                "concurrency": 8,
+                "target": {"http": {"url": "http://model.default.svc/v1/chat/completions"}},
+                "cases": [
+                    {"id": "add", "input": "2+2", "expected": "4", "scorer": {"name": "exact"}},
+                    {"id": "obj", "input": {"q": [1, None]}, "expected": None, "metadata": {"topic": "json"}},
+                    {"id": "mul", "input": "6*7", "expected": 42},
+                ],
+            },
+            {"name": "big", "configMapRef": {"name": "big-suite", "key": "big.yaml"}},
+        ],
+        "retries": 1,
+        **spec_overrides,
+    }
+    return {
+        "apiVersion": "evals.workshop.dev/v1alpha1",
+        "kind": "EvalRun",
+        "metadata": {"name": name, "namespace": "evals", "uid": UID, "generation": 1},
+        "spec": spec,
+    }
+
+
+def parsed(er: dict[str, Any]) -> EvalRunSpec:
+    return EvalRunSpec.model_validate(er["spec"])
+
+
+def job_for(er: dict[str, Any], suite: str = "qa-smoke", attempt: int = 1, parent: str | None = None, **kw: Any):
+    spec = parsed(er)
+    return b.build_job(er, spec.suite(suite), attempt, parent, STORE, spec, **kw)
+
+
+def container(job: dict[str, Any]) -> dict[str, Any]:
+    [c] = job["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def env(job: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container(job)["env"]}
+
+
+# ---------------------------------------------------------------- names and ids
+
+
+def test_names_follow_the_fixed_pattern():
+    names = b.object_names("nightly", "qa-smoke", 2)
+    assert names == b.Names(configmap="nightly-qa-smoke", secret="nightly-token", job="nightly-qa-smoke-2")
+
+
+def test_names_are_deterministic_short_and_dns_safe():
+    long_run = "a" * 200 + ".b" * 20
+    for run, suite, attempt in [("nightly", "qa", 1), (long_run, "s" * 40, 11), ("x" * 60, "y" * 40, 3)]:
+        names = b.object_names(run, suite, attempt)
+        assert names == b.object_names(run, suite, attempt)
+        for name in (names.configmap, names.secret, names.job):
+            assert len(name) <= 63, name
+            assert DNS_SUBDOMAIN.match(name), name
+            assert LABEL_VALUE.match(name), name
+
+
+def test_truncated_names_stay_distinct():
+    base = "r" * 70
+    jobs = {b.object_names(base, "suite", attempt).job for attempt in range(1, 6)}
+    assert len(jobs) == 5
+    assert b.fit_name(base + "-a") != b.fit_name(base + "-b")
+    cut = b.fit_name("x" * 54 + "-" + "y" * 20)
+    assert not cut[: -(b.HASH_LEN + 1)].endswith("-")  # no '--' before the hash
+
+
+def test_run_id_is_a_function_of_uid_suite_and_attempt():
+    assert b.run_id_for(UID, "qa-smoke", 1) == "0f4c2a9e1b2c-qa-smoke-a1"
+    assert b.run_id_for(UID, "qa-smoke", 1) == b.run_id_for(UID, "qa-smoke", 1)
+    assert b.run_id_for(UID, "qa-smoke", 2) != b.run_id_for(UID, "qa-smoke", 1)
+    assert b.run_id_for(UID.replace("0f", "1f"), "qa-smoke", 1) != b.run_id_for(UID, "qa-smoke", 1)
+
+
+# ---------------------------------------------------------------- ConfigMap and Secret
+
+
+def test_inline_suite_configmap_holds_a_loadable_suite_file():
+    er = evalrun(concurrencyPolicy="Replace")
+    cm = b.build_suite_configmap(er, parsed(er).suite("qa-smoke"))
+    assert cm["kind"] == "ConfigMap"
+    assert cm["metadata"]["name"] == "nightly-qa-smoke"
+    assert cm["metadata"]["namespace"] == "evals"
+    suite = parse_suite(cm["data"][b.SUITE_KEY])
+    assert suite == parsed(er).suite("qa-smoke").to_suite(LockPolicy.REPLACE)
+    assert [c.id for c in suite.cases] == ["add", "obj", "mul"]
+    assert suite.cases[1].input == {"q": [1, None]}
+    assert suite.lock_policy is LockPolicy.REPLACE
+
+
+def test_configmap_ref_suite_gets_no_configmap():
+    er = evalrun()
+    assert b.build_suite_configmap(er, parsed(er).suite("big")) is None
+
+
+def test_token_secret():
+    er = evalrun()
+    secret = b.build_token_secret(er, "s3cret")
+    assert secret["metadata"]["name"] == "nightly-token"
+    assert secret["type"] == "Opaque"
+    assert base64.b64decode(secret["data"]["token"]).decode() == "s3cret"
+    assert secret["metadata"]["labels"][b.LABEL_EVALRUN] == "nightly"
+
+
+@pytest.mark.parametrize("kind", ["configmap", "secret", "job"])
+def test_every_child_is_controlled_by_the_evalrun(kind):
+    er = evalrun()
+    obj = {
+        "configmap": lambda: b.build_suite_configmap(er, parsed(er).suite("qa-smoke")),
+        "secret": lambda: b.build_token_secret(er, "t"),
+        "job": lambda: job_for(er),
+    }[kind]()
+    assert obj["metadata"]["ownerReferences"] == [
+        {
+            "apiVersion": "evals.workshop.dev/v1alpha1",
+            "kind": "EvalRun",
+            "name": "nightly",
+            "uid": UID,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+    ]
+    assert b.owned_by(obj, er)
+    other = copy.deepcopy(er)
+    other["metadata"]["uid"] = "another-uid"
+    assert not b.owned_by(obj, other)
+
+
+# ---------------------------------------------------------------- the Job
+
+
+def test_job_labels_annotations_and_names():
+    job = job_for(evalrun(), attempt=2, parent="0f4c2a9e1b2c-qa-smoke-a1")
+    labels = {
+        "app.kubernetes.io/name": "evalrunner",
+        "app.kubernetes.io/managed-by": "evalrunner-controller",
+        "evals.workshop.dev/evalrun": "nightly",
+        "evals.workshop.dev/suite": "qa-smoke",
+        "evals.workshop.dev/attempt": "2",
+    }
+    assert job["metadata"]["name"] == "nightly-qa-smoke-2"
+    assert job["metadata"]["labels"] == labels
+    assert job["spec"]["template"]["metadata"]["labels"] == labels  # the controller watches pods by these
+    annotations = {
+        "evals.workshop.dev/run-id": "0f4c2a9e1b2c-qa-smoke-a2",
+        "evals.workshop.dev/parent-run-id": "0f4c2a9e1b2c-qa-smoke-a1",
+    }
+    assert job["metadata"]["annotations"] == annotations
+    assert job["spec"]["template"]["metadata"]["annotations"] == annotations
+    assert b.selector_labels("nightly").items() <= labels.items()
+
+
+def test_long_evalrun_names_give_valid_labels_and_keep_the_full_name():
+    name = "n" * 100
+    job = job_for(evalrun(name))
+    value = job["metadata"]["labels"][b.LABEL_EVALRUN]
+    assert len(value) <= 63 and LABEL_VALUE.match(value)
+    assert value == b.selector_labels(name)[b.LABEL_EVALRUN]
+    assert job["metadata"]["annotations"][b.ANNOTATION_EVALRUN] == name
+
+
+def test_job_never_retries_by_itself_and_never_restarts():
+    job = job_for(evalrun())
+    assert job["spec"]["backoffLimit"] == 0
+    assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
+
+
+def test_first_attempt_command():
+    assert container(job_for(evalrun()))["command"] == [
+        "evalrunner", "run-suite", "/etc/evalrunner/suite/suite.yaml",
+        "--store-url", STORE,
+        "--run-id", "0f4c2a9e1b2c-qa-smoke-a1",
+        "--deadline-grace", "60",
+    ]  # fmt: skip
+
+
+def test_retry_resumes_from_its_parent():
+    command = container(job_for(evalrun(), attempt=2, parent="0f4c2a9e1b2c-qa-smoke-a1"))["command"]
+    assert command[-2:] == ["--resume", "0f4c2a9e1b2c-qa-smoke-a1"]
+    assert command[command.index("--run-id") + 1] == "0f4c2a9e1b2c-qa-smoke-a2"
+
+
+def test_env_token_downward_api_and_log_format():
+    values = env(job_for(evalrun()))
+    assert values["EVALRUNNER_STORE_TOKEN"] == {"secretKeyRef": {"name": "nightly-token", "key": "token"}}
+    assert values["EVALRUNNER_POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert values["EVALRUNNER_POD_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    assert values["EVALRUNNER_POD_UID"] == {"fieldRef": {"fieldPath": "metadata.uid"}}
+    assert values["EVALRUNNER_LOG_FORMAT"] == "json"
+    assert values["TMPDIR"] == b.SCRATCH_PATH
+
+
+def test_deadline_is_the_run_deadline_plus_grace():
+    # 3 cases x 30 s + 60 s grace
+    assert job_for(evalrun())["spec"]["activeDeadlineSeconds"] == 150
+    assert job_for(evalrun(deadlineGraceSeconds=0))["spec"]["activeDeadlineSeconds"] == 90
+    er = evalrun()
+    er["spec"]["suites"][0]["timeoutSeconds"] = 0.4
+    assert job_for(er)["spec"]["activeDeadlineSeconds"] == 62  # ceil(1.2 + 60)
+    del er["spec"]["suites"][0]["timeoutSeconds"]
+    assert job_for(er)["spec"]["activeDeadlineSeconds"] == 3 * 30 + 60  # the suite default, 30 s
+    assert b.active_deadline_seconds(2.5, 3, 0.1) == 8
+
+
+def test_configmap_ref_deadline_needs_the_file_s_size_and_timeout():
+    er = evalrun()
+    assert "activeDeadlineSeconds" not in job_for(er, "big")["spec"]
+    assert "activeDeadlineSeconds" not in job_for(er, "big", case_count=100)["spec"]
+    job = job_for(er, "big", case_count=100, case_timeout_seconds=10)
+    assert job["spec"]["activeDeadlineSeconds"] == 100 * 10 + 60
+
+
+def test_configmap_ref_suite_mounts_the_referenced_configmap():
+    job = job_for(evalrun(), "big")
+    volumes = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["suite"]["configMap"] == {"name": "big-suite", "items": [{"key": "big.yaml", "path": "big.yaml"}]}
+    assert container(job)["command"][2] == "/etc/evalrunner/suite/big.yaml"
+    mounts = {m["name"]: m for m in container(job)["volumeMounts"]}
+    assert mounts["suite"] == {"name": "suite", "mountPath": "/etc/evalrunner/suite", "readOnly": True}
+
+
+def test_inline_suite_mounts_its_own_configmap():
+    job = job_for(evalrun())
+    volumes = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["suite"]["configMap"]["name"] == "nightly-qa-smoke"
+    assert container(job)["command"][2] == "/etc/evalrunner/suite/suite.yaml"
+    assert volumes["scratch"] == {"name": "scratch", "emptyDir": {}}
+
+
+def test_resources_pass_through():
+    job = job_for(evalrun(resources={"limits": {"memory": "512Mi", "cpu": 1}, "requests": {"cpu": "250m"}}))
+    assert container(job)["resources"] == {"requests": {"cpu": "250m"}, "limits": {"cpu": "1", "memory": "512Mi"}}
+    assert "resources" not in container(job_for(evalrun()))
+
+
+def test_image_termination_message_and_security_context():
+    job = job_for(evalrun(image="registry.example/evalrunner:0.2.0"))
+    c = container(job)
+    pod = job["spec"]["template"]["spec"]
+    assert c["name"] == "runner"
+    assert c["image"] == "registry.example/evalrunner:0.2.0"
+    assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    assert c["terminationMessagePath"] == "/dev/termination-log"
+    assert c["securityContext"] == {
+        "runAsNonRoot": True,
+        "runAsUser": 65532,
+        "readOnlyRootFilesystem": True,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["automountServiceAccountToken"] is False
+    assert "serviceAccountName" not in pod
+
+
+def test_service_account_and_ttl_when_given():
+    job = job_for(evalrun(serviceAccountName="eval-runner", ttlSecondsAfterFinished=600))
+    assert job["spec"]["template"]["spec"]["serviceAccountName"] == "eval-runner"
+    assert job["spec"]["ttlSecondsAfterFinished"] == 600
+    assert "ttlSecondsAfterFinished" not in job_for(evalrun())["spec"]
+
+
+def test_builders_do_not_touch_their_input():
+    er = evalrun()
+    before = copy.deepcopy(er)
+    job_for(er, attempt=3, parent="p")
+    b.build_suite_configmap(er, parsed(er).suite("qa-smoke"))
+    b.build_token_secret(er, "t")
+    assert er == before
