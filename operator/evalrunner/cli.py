@@ -124,6 +124,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_controller(args: argparse.Namespace) -> int:
+    """The Kubernetes operator, with the store service in the same process (the one DuckDB writer)."""
+    from .controller.main import ControllerOptions, run_controller
+
+    return run_controller(ControllerOptions(
+        db=args.db, kubeconfig=args.kubeconfig, namespace=args.namespace, host=args.host, port=args.port,
+        store_url_for_pods=args.store_url_for_pods, admin_token=os.environ.get(args.admin_token_env),
+        scan_interval_s=args.scan_interval, sweep_interval_s=args.sweep_interval,
+        heartbeat_timeout_s=args.heartbeat_timeout,
+    ))
+
+
 def cmd_runs(args: argparse.Namespace) -> int:
     with open_store(args) as store:
         runs = store.list_runs(status=args.status, suite=args.suite, limit=args.limit)
@@ -291,6 +303,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--admin-token-env", default="EVALRUNNER_ADMIN_TOKEN", metavar="VAR",
                    help="environment variable holding the admin token (default %(default)s)")
     p.add_argument("--sweep-interval", type=float, default=5.0, metavar="S")
+
+    p = add("controller", cmd_controller, "run the Kubernetes operator and the store service")
+    p.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"),
+                   help="kubeconfig file (default $KUBECONFIG, else in-cluster config)")
+    p.add_argument("--namespace", help="watch one namespace (default: all)")
+    p.add_argument("--host", default="0.0.0.0", help="store service address (default %(default)s)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--store-url-for-pods", metavar="URL",
+                   help="the store service URL as runner pods reach it (default http://HOST:PORT)")
+    p.add_argument("--admin-token-env", default="EVALRUNNER_ADMIN_TOKEN", metavar="VAR")
+    p.add_argument("--scan-interval", type=float, default=1.0, metavar="S",
+                   help="how often pods are classified against the clock (default %(default)s)")
+    p.add_argument("--sweep-interval", type=float, default=5.0, metavar="S")
+    p.add_argument("--heartbeat-timeout", type=float, default=recovery.DEFAULT_HEARTBEAT_TIMEOUT_S, metavar="S")
 
     p = add("runs", cmd_runs, "list runs, newest first")
     p.add_argument("--status", choices=[s.value for s in RunStatus])

@@ -455,6 +455,23 @@ class EvalRunSuite(Frozen):
         return Suite(name=self.name, lock_policy=lock_policy, **fields)
 
 
+class EnvVar(Frozen):
+    """An environment variable of the runner container, e.g. the API key an HTTP target reads."""
+
+    name: str = Field(max_length=256, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Variable name.")
+    value: str | None = Field(default=None, max_length=32_768, description="A literal value.")
+    value_from: dict[str, Any] | None = Field(
+        default=None,
+        description="A Kubernetes EnvVarSource, e.g. `{secretKeyRef: {name: openai, key: api-key}}`.",
+    )
+
+    @model_validator(mode="after")
+    def _value_or_source(self) -> EnvVar:
+        if self.value is not None and self.value_from is not None:
+            raise ValueError("set `value` or `valueFrom`, not both")
+        return self
+
+
 class EvalRunSpec(Frozen):
     """What to run: suites, each as a Kubernetes Job of the runner image, with retries that resume."""
 
@@ -503,6 +520,12 @@ class EvalRunSpec(Frozen):
         ge=0,
         le=86_400,
         description="Added to timeoutSeconds x cases for each Job's activeDeadlineSeconds. Default: 60.",
+    )
+    env: list[EnvVar] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Extra environment variables of the runner container (e.g. an HTTP target's API key "
+        "from a Secret). Names starting with EVALRUNNER_ are reserved for the runner.",
     )
     ttl_seconds_after_finished: int | None = Field(
         default=None,

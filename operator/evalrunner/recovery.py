@@ -114,6 +114,28 @@ def apply_summary(store: RunStore, spooled: summary.RunSummary, terminated_by: s
     return closed
 
 
+def terminate_for_owner_death(
+    store: RunStore,
+    run_id: str,
+    cause: Cause,
+    reason: str,
+    terminated_by: str,
+    runner_summary: summary.RunSummary | None = None,
+) -> RunRow | None:
+    """Close a run whose owner is known to be dead (a runner pod died, say).
+
+    Prefers the runner's own summary (runbook case 2: its final write was
+    lost); otherwise fails the run with `cause`. None when the row was
+    already terminal: the runner (or someone) closed it first.
+    """
+    if runner_summary is not None and runner_summary.run_id == run_id:
+        return apply_summary(store, runner_summary, terminated_by)
+    closed = store.terminate_run(run_id, cause, reason, terminated_by)
+    if closed is not None:
+        _log_terminated(closed, terminated_by)
+    return closed
+
+
 class RecoveryRefused(Exception):
     pass
 

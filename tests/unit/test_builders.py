@@ -171,6 +171,7 @@ def test_job_labels_annotations_and_names():
     annotations = {
         "evals.workshop.dev/run-id": "0f4c2a9e1b2c-qa-smoke-a2",
         "evals.workshop.dev/parent-run-id": "0f4c2a9e1b2c-qa-smoke-a1",
+        "evals.workshop.dev/start-timeout-seconds": "120",  # how long Pending may last (never_started)
     }
     assert job["metadata"]["annotations"] == annotations
     assert job["spec"]["template"]["metadata"]["annotations"] == annotations

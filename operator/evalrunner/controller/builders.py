@@ -36,6 +36,7 @@ LABEL_SUITE = "evals.workshop.dev/suite"
 LABEL_ATTEMPT = "evals.workshop.dev/attempt"
 ANNOTATION_RUN_ID = "evals.workshop.dev/run-id"
 ANNOTATION_PARENT_RUN_ID = "evals.workshop.dev/parent-run-id"
+ANNOTATION_START_TIMEOUT = "evals.workshop.dev/start-timeout-seconds"  # for never_started
 ANNOTATION_EVALRUN = "evals.workshop.dev/evalrun-name"  # in full, when the label had to be shortened
 APP = "evalrunner"
 MANAGER = "evalrunner-controller"
@@ -229,6 +230,11 @@ def runner_command(
     return command
 
 
+def _user_env(spec: EvalRunSpec) -> list[dict[str, Any]]:
+    """spec.env first, so the runner's own variables (listed after) win on a name clash."""
+    return [var.model_dump(by_alias=True, exclude_none=True) for var in spec.env]
+
+
 def _runner_env(token_secret: str) -> list[dict[str, Any]]:
     def field(path: str) -> dict[str, Any]:
         return {"fieldRef": {"fieldPath": path}}
@@ -283,7 +289,7 @@ def build_job(
     names = object_names(meta["name"], suite.name, attempt)
     run_id = run_id_for(meta["uid"], suite.name, attempt)
     labels = object_labels(meta["name"], suite.name, attempt)
-    annotations = {ANNOTATION_RUN_ID: run_id}
+    annotations = {ANNOTATION_RUN_ID: run_id, ANNOTATION_START_TIMEOUT: str(spec.start_timeout_seconds)}
     if parent_run_id:
         annotations[ANNOTATION_PARENT_RUN_ID] = parent_run_id
     configmap, key = _suite_source(evalrun, suite)
@@ -294,7 +300,7 @@ def build_job(
         "command": runner_command(
             f"{SUITE_MOUNT_PATH}/{key}", store_url, run_id, attempt, parent_run_id, spec.deadline_grace_seconds
         ),
-        "env": _runner_env(names.secret),
+        "env": _user_env(spec) + _runner_env(names.secret),
         "volumeMounts": [
             {"name": SUITE_VOLUME, "mountPath": SUITE_MOUNT_PATH, "readOnly": True},
             {"name": SCRATCH_VOLUME, "mountPath": SCRATCH_PATH},

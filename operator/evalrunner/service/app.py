@@ -17,7 +17,7 @@ from .. import log, recovery
 from ..store.duckdb_store import DuckDBStore, utcnow
 from . import api
 from .auth import TokenCheck
-from .context import CALLS, STARTED, STORE, TOKENS, StoreCalls, json_error
+from .context import CALLS, HEALTH, STARTED, STORE, TOKENS, StoreCalls, json_error
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 
@@ -44,6 +44,7 @@ def build_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     sweep_interval_s: float | None = None,
     liveness: recovery.LivenessCheck | None = None,
+    health: Callable[[], tuple[bool, dict]] | None = None,
 ) -> web.Application:
     """The service app. With `sweep_interval_s`, orphans are swept in the background too."""
     app = web.Application(client_max_size=max_body_bytes, middlewares=[errors_as_json])
@@ -52,6 +53,7 @@ def build_app(
     app[CALLS] = calls
     app[TOKENS] = TokenCheck(store.scope_for_token, admin_token)
     app[STARTED] = time.time()
+    app[HEALTH] = health
     app.router.add_get("/healthz", healthz)
     api.add_routes(app)
 
@@ -89,4 +91,10 @@ async def healthz(request: web.Request) -> web.Response:
         version = await calls(store.schema_version)
     except Exception as exc:  # the point of a health check is to say so, not to crash
         return json_error(503, f"store unavailable: {exc}")
-    return web.json_response({"ok": True, "schema_version": version, "uptime_s": time.time() - request.app[STARTED]})
+    body = {"ok": True, "schema_version": version, "uptime_s": time.time() - request.app[STARTED]}
+    if request.app[HEALTH] is not None:  # the controller: are watches and sweeps still alive?
+        ok, details = request.app[HEALTH]()
+        body.update(ok=ok, **details)
+        if not ok:
+            return web.json_response(body, status=503)
+    return web.json_response(body)

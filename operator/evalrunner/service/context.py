@@ -32,6 +32,7 @@ STORE = web.AppKey("store", DuckDBStore)
 CALLS = web.AppKey("calls", StoreCalls)
 TOKENS = web.AppKey("tokens", TokenCheck)
 STARTED = web.AppKey("started", float)
+HEALTH = web.AppKey("health", object)
 
 
 def dumps(data: Any) -> str:

@@ -226,6 +226,33 @@ class DuckDBStore:
 
         return self._transaction(body)  # type: ignore[return-value]
 
+    def record_failed_start(self, request: RunRequest, cause: str, error: str, terminated_by: str) -> RunRow | None:
+        """Record a run that died before its runner could open it (never started, crashed at start).
+
+        The row is born `failed`, so the attempt is visible like any other. None
+        if the run id already exists (the runner got there first).
+        """
+
+        def body(cur: duckdb.DuckDBPyConnection) -> RunRow | None:
+            if self._select_runs(cur, "WHERE id = ?", [request.run_id]):
+                return None
+            now = self.clock()
+            attempt = 1
+            if request.parent_run_id:
+                parent = self._select_runs(cur, "WHERE id = ?", [request.parent_run_id])
+                attempt = (parent[0].attempt + 1) if parent else 1
+            cur.execute(
+                "INSERT INTO eval_runs (id, suite, status, created_at, started_at, completed_at, error, cause, owner, "
+                "attempt, parent_run_id, timeout_seconds, case_count, passed, failed, errored, lock_policy, "
+                "terminated_by, source, scope) VALUES (?, ?, 'failed', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, 0, 0, ?, ?, ?, ?)",
+                [request.run_id, request.suite, now, now, now, error, cause, request.owner.to_json(), attempt,
+                 request.parent_run_id, request.timeout_seconds, len(request.case_names), request.lock_policy.value,
+                 terminated_by, request.source, request.scope],
+            )
+            return self._select_runs(cur, "WHERE id = ?", [request.run_id])[0]
+
+        return self._transaction(body)  # type: ignore[return-value]
+
     @staticmethod
     def _replayed_start(existing: RunRow, request: RunRequest) -> Admission:
         """A retried start of a run that already exists: the same owner gets it back, anyone else is refused."""

@@ -1,0 +1,67 @@
+"""kopf handlers: thin. Each reads the event and hands it to the Reconciler (in `memo`).
+
+Pods are watched with `on.event` and a label filter, never on.create/update:
+those would write kopf's annotations onto objects we don't own. Handlers are
+sync, so kopf runs them in its thread pool and the blocking Kubernetes client
+and DuckDB calls never stall the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from ..crd import GROUP, VERSION
+from .builders import LABEL_MANAGED_BY, MANAGER
+
+PLURAL = "evalruns"
+ANNOTATION_PREFIX = "evals.workshop.dev"
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    # Watches can stall silently: bound every request and let kopf reconnect.
+    settings.watching.server_timeout = 60
+    settings.watching.client_timeout = 90
+    settings.watching.connect_timeout = 10
+    # Keep kopf's bookkeeping in our own annotation namespace, and out of status.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=ANNOTATION_PREFIX, key="last-handled-configuration")
+    settings.posting.level = logging.WARNING
+    settings.execution.max_workers = 8
+
+
+@kopf.on.login()
+def login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
+    """kopf connects with the same credentials as our own client (kubeconfig or in-cluster)."""
+    cfg = memo.reconciler.kube.api_client.configuration
+    token = (cfg.api_key or {}).get("authorization") or (cfg.api_key or {}).get("BearerToken")
+    if token and token.lower().startswith("bearer "):
+        token = token[len("bearer "):]
+    return kopf.ConnectionInfo(
+        server=cfg.host,
+        ca_path=cfg.ssl_ca_cert,
+        insecure=not cfg.verify_ssl,
+        certificate_path=cfg.cert_file,
+        private_key_path=cfg.key_file,
+        token=token or None,
+    )
+
+
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+def evalrun_created(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    memo.reconciler.ensure_evalrun(_plain(body))
+
+
+@kopf.on.event("", "v1", "pods", labels={LABEL_MANAGED_BY: MANAGER})
+def runner_pod_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    memo.reconciler.on_runner_pod(_plain(event["object"]), event.get("type"))
+    memo.health.saw_event()
+
+
+def _plain(obj: Any) -> dict[str, Any]:
+    return dict(obj) if not isinstance(obj, dict) else obj

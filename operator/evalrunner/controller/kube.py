@@ -1,0 +1,143 @@
+"""The controller's calls to the Kubernetes API, and nothing else.
+
+Synchronous client, used from kopf's sync handlers (a thread pool) and the
+scan loop's thread, never from the event loop. Objects go in and come out as
+plain dicts, so the builders and the classifier never see client classes.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+from ..crd import GROUP, KIND, VERSION
+from .builders import LABEL_EVALRUN, LABEL_MANAGED_BY, MANAGER, owned_by
+
+PLURAL = "evalruns"
+
+
+class Kube:
+    def __init__(self, api_client: client.ApiClient):
+        self.api_client = api_client
+        self.core = client.CoreV1Api(api_client)
+        self.batch = client.BatchV1Api(api_client)
+        self.custom = client.CustomObjectsApi(api_client)
+
+    def _plain(self, obj: Any) -> dict[str, Any]:
+        return self.api_client.sanitize_for_serialization(obj)
+
+    # ------------------------------------------------------------ children
+
+    def create_owned(self, obj: dict[str, Any], evalrun: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """Create `obj`, or adopt the existing one of the same fixed name if this EvalRun owns it.
+
+        Returns (object, created). A name taken by someone else's object is an error.
+        """
+        kind, ns, name = obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]
+        create, read = {
+            "ConfigMap": (self.core.create_namespaced_config_map, self.core.read_namespaced_config_map),
+            "Secret": (self.core.create_namespaced_secret, self.core.read_namespaced_secret),
+            "Job": (self.batch.create_namespaced_job, self.batch.read_namespaced_job),
+        }[kind]
+        try:
+            return self._plain(create(ns, obj)), True
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+        existing = self._plain(read(name, ns))
+        if not owned_by(existing, evalrun):
+            raise RuntimeError(f"{kind} {ns}/{name} exists and belongs to another object; rename the EvalRun or suite")
+        return existing, False
+
+    def read_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self._read(self.core.read_namespaced_secret, name, namespace)
+
+    def get_pod(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self._read(self.core.read_namespaced_pod, name, namespace)
+
+    def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self._read(self.batch.read_namespaced_job, name, namespace)
+
+    def get_node(self, name: str) -> dict[str, Any] | None:
+        return self._read(self.core.read_node, name)
+
+    def runner_pods(self, namespace: str | None) -> list[dict[str, Any]]:
+        selector = f"{LABEL_MANAGED_BY}={MANAGER}"
+        if namespace:
+            pods = self.core.list_namespaced_pod(namespace, label_selector=selector)
+        else:
+            pods = self.core.list_pod_for_all_namespaces(label_selector=selector)
+        return [self._plain(p) for p in pods.items]
+
+    def delete_job(self, namespace: str, name: str) -> None:
+        try:
+            self.batch.delete_namespaced_job(name, namespace, propagation_policy="Background")
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    def delete_pod(self, namespace: str, name: str) -> None:
+        try:
+            self.core.delete_namespaced_pod(name, namespace)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    def jobs_of(self, namespace: str, evalrun_label: str) -> list[dict[str, Any]]:
+        jobs = self.batch.list_namespaced_job(namespace, label_selector=f"{LABEL_EVALRUN}={evalrun_label}")
+        return [self._plain(j) for j in jobs.items]
+
+    # ------------------------------------------------------------ the EvalRun
+
+    def get_evalrun(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self._read(
+            lambda n, ns: self.custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, n), name, namespace
+        )
+
+    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        try:
+            self.custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, namespace, PLURAL, name, {"status": status}
+            )
+        except ApiException as exc:
+            if exc.status != 404:  # deleted meanwhile: nothing to report on
+                raise
+
+    def post_event(self, evalrun: dict[str, Any], kind: str, reason: str, message: str) -> None:
+        """A core/v1 Event about the EvalRun (what `kubectl describe evalrun` shows)."""
+        meta = evalrun["metadata"]
+        now = datetime.now(timezone.utc)
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "name": meta["name"],
+                "namespace": meta["namespace"], "uid": meta["uid"],
+            },
+            "type": kind,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": MANAGER},
+            "reportingComponent": MANAGER,
+            "firstTimestamp": now.isoformat(),
+            "lastTimestamp": now.isoformat(),
+            "count": 1,
+        }
+        try:
+            self.core.create_namespaced_event(meta["namespace"], event)
+        except ApiException:
+            pass  # an event is a courtesy; losing one must not fail a reconcile
+
+    @staticmethod
+    def _read(fn: Any, name: str, namespace: str | None = None) -> dict[str, Any] | None:
+        try:
+            obj = fn(name, namespace) if namespace is not None else fn(name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return obj if isinstance(obj, dict) else client.ApiClient().sanitize_for_serialization(obj)

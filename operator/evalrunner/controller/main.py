@@ -1,0 +1,131 @@
+"""`evalrunner controller`: the operator and the store service in one process.
+
+One process holds the DuckDB file, so it is the only writer (DESIGN
+invariant 2), and the file lock doubles as the leader lock: a second
+controller on the same file stops at once with a clear error instead of
+acting alongside the first. Deploy one replica with `strategy: Recreate`.
+
+The loop runs three things: kopf's watches (EvalRuns, runner pods), the
+store service (aiohttp) for runner pods, and a scan loop that classifies
+pods against the clock and sweeps stale rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from dataclasses import dataclass
+
+import kopf
+from aiohttp import web
+from kubernetes import client, config
+
+from .. import log
+from ..service import build_app
+from ..store.duckdb_store import DuckDBStore
+from . import handlers  # noqa: F401  (registers the kopf handlers)
+from .health import Health
+from .kube import Kube
+from .reconciler import ControllerSettings, Reconciler
+
+
+@dataclass(frozen=True)
+class ControllerOptions:
+    db: str
+    kubeconfig: str | None
+    namespace: str | None
+    host: str
+    port: int
+    store_url_for_pods: str | None
+    admin_token: str | None
+    scan_interval_s: float = 1.0
+    sweep_interval_s: float = 5.0
+    heartbeat_timeout_s: float = 30.0
+
+
+def api_client_for(kubeconfig: str | None) -> client.ApiClient:
+    if kubeconfig:
+        return config.new_client_from_config(config_file=kubeconfig)
+    try:
+        config.load_incluster_config()
+        return client.ApiClient()
+    except config.ConfigException:
+        return config.new_client_from_config()
+
+
+def run_controller(options: ControllerOptions) -> int:
+    store = DuckDBStore.open(options.db)  # a held lock raises StoreLockedError: another controller is active
+    try:
+        if options.kubeconfig:
+            os.environ["KUBECONFIG"] = options.kubeconfig  # kopf logs in through the same file
+        kube = Kube(api_client_for(options.kubeconfig))
+        settings = ControllerSettings(
+            store_url_for_pods=options.store_url_for_pods or f"http://{options.host}:{options.port}",
+            namespace=options.namespace,
+            scan_interval_s=options.scan_interval_s,
+            sweep_interval_s=options.sweep_interval_s,
+            heartbeat_timeout_s=options.heartbeat_timeout_s,
+        )
+        reconciler = Reconciler(store, kube, settings)
+        health = Health()
+        asyncio.run(_serve(options, store, reconciler, health))
+    finally:
+        store.close()
+    return 0
+
+
+async def _serve(options: ControllerOptions, store: DuckDBStore, reconciler: Reconciler, health: Health) -> None:
+    app = build_app(store, admin_token=options.admin_token, health=lambda: health.report(options.sweep_interval_s))
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, options.host, options.port).start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    logger = log.get(component="controller")
+    logger.info("controller.started", db=store.path, namespace=options.namespace or "*",
+                store_url=reconciler.settings.store_url_for_pods, listen=f"{options.host}:{options.port}")
+
+    # On start, every running row is reconciled against the pods that exist, before any new work.
+    await asyncio.to_thread(_sweep, reconciler, health, logger)
+    namespaces = [options.namespace] if options.namespace else []
+    operator = asyncio.create_task(kopf.operator(
+        namespaces=namespaces, clusterwide=not namespaces, standalone=True,
+        memo=kopf.Memo(reconciler=reconciler, health=health), stop_flag=stop,
+    ))
+    scanner = asyncio.create_task(_scan_loop(reconciler, health, options, stop, logger))
+    try:
+        await stop.wait()
+    finally:
+        logger.info("controller.stopping")
+        await asyncio.wait_for(asyncio.gather(operator, return_exceptions=True), timeout=15)
+        scanner.cancel()
+        await asyncio.gather(scanner, return_exceptions=True)
+        await runner.cleanup()
+
+
+async def _scan_loop(reconciler: Reconciler, health: Health, options: ControllerOptions,
+                     stop: asyncio.Event, logger) -> None:
+    next_sweep = 0.0
+    loop = asyncio.get_running_loop()
+    while not stop.is_set():
+        try:
+            await asyncio.to_thread(reconciler.scan_pods)
+            if loop.time() >= next_sweep:
+                await asyncio.to_thread(_sweep, reconciler, health, logger)
+                next_sweep = loop.time() + options.sweep_interval_s
+        except Exception as exc:  # keep scanning; the next round retries
+            logger.error("controller.scan_failed", error=f"{type(exc).__name__}: {exc}")
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=options.scan_interval_s)
+
+
+def _sweep(reconciler: Reconciler, health: Health, logger) -> None:
+    try:
+        reconciler.sweep()
+        health.swept()
+    except Exception as exc:
+        logger.error("controller.sweep_failed", error=f"{type(exc).__name__}: {exc}")
