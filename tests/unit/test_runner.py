@@ -116,7 +116,7 @@ def test_case_row_is_running_while_it_runs_and_durable_at_once(store, targets_mo
 
     result = asyncio.run(main())
     assert seen["status"] == "running"
-    assert seen["after_s"] < 0.5
+    assert seen["after_s"] < 2.0  # the 50 ms group commit, with room for a loaded machine
     assert store.cases(result.run.id)[0].status == "completed" and result.run.status == "completed"
 
 
