@@ -163,3 +163,36 @@ def namespace(cluster, request):
             if e.status != 404:
                 raise
         api.api_client.close()
+
+
+# ---------------------------------------------------------------- the operator under test
+
+
+@pytest.fixture(scope="session")
+def evalrun_crd(cluster):
+    """The generated EvalRun CRD, installed once per session."""
+    from operator_support import install_crd
+
+    with cluster.api_client() as api:
+        install_crd(api)
+
+
+@pytest.fixture
+def controller(cluster, evalrun_crd, namespace, tmp_path):
+    """A real `evalrunner controller` process watching the test's namespace."""
+    from operator_support import ControllerProcess
+
+    proc = ControllerProcess(cluster.kubeconfig, namespace, tmp_path).start()
+    yield proc
+    proc.stop()
+    if os.environ.get("EVALRUNNER_SHOW_CONTROLLER_LOG"):
+        print(proc.logs())
+
+
+@pytest.fixture
+def evalruns(cluster, evalrun_crd, namespace):
+    from operator_support import EvalRuns
+
+    api = cluster.api_client()
+    yield EvalRuns(api, namespace)
+    api.close()

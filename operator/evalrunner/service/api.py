@@ -25,7 +25,9 @@ MAX_EVENTS_PER_BATCH = 10_000
 def add_routes(app: web.Application) -> None:
     p = wire.API_PREFIX
     app.router.add_post(f"{p}/runs", start_run)
+    app.router.add_get(f"{p}/runs", list_runs)
     app.router.add_get(f"{p}/runs/{{run_id}}", get_run)
+    app.router.add_get(f"{p}/runs/{{run_id}}/cases", list_cases)
     app.router.add_get(f"{p}/runs/{{run_id}}/completed-cases", completed_cases)
     app.router.add_post(f"{p}/runs/{{run_id}}/cases", save_cases)
     app.router.add_post(f"{p}/runs/{{run_id}}/heartbeat", heartbeat)
@@ -90,6 +92,31 @@ async def start_run(request: web.Request) -> web.Response:
 async def get_run(request: web.Request) -> web.Response:
     run = await _owned_run(request, await _caller(request))
     return web.json_response(wire.run_row_to_json(run))
+
+
+async def list_runs(request: web.Request) -> web.Response:
+    """Newest first; an EvalRun token sees its own runs, the admin token all of them."""
+    caller = await _caller(request)
+    store, calls = _ctx(request)
+    try:
+        limit = min(int(request.query.get("limit", 50)), 500)
+    except ValueError:
+        raise http_error(web.HTTPBadRequest, "limit: must be an integer") from None
+    status = request.query.get("status")
+    if status not in (None, "running", "completed", "failed"):
+        raise http_error(web.HTTPBadRequest, f"status: must be running, completed or failed, not {status!r}")
+    runs = await calls(store.list_runs, status, request.query.get("suite"), limit if caller.is_admin else 500)
+    visible = [r for r in runs if caller.may_write(r.scope)][:limit]
+    return web.json_response({"runs": [wire.run_row_to_json(r) for r in visible]})
+
+
+async def list_cases(request: web.Request) -> web.Response:
+    run = await _owned_run(request, await _caller(request))
+    store, calls = _ctx(request)
+    cases = await calls(store.cases, run.id)
+    return web.json_response({"cases": [
+        {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in vars(c).items()} for c in cases
+    ]})
 
 
 async def completed_cases(request: web.Request) -> web.Response:
