@@ -77,7 +77,8 @@ def run_controller(options: ControllerOptions) -> int:
 
 
 async def _serve(options: ControllerOptions, store: DuckDBStore, reconciler: Reconciler, health: Health) -> None:
-    app = build_app(store, admin_token=options.admin_token, health=lambda: health.report(options.sweep_interval_s))
+    app = build_app(store, admin_token=options.admin_token, health=lambda: health.report(options.sweep_interval_s),
+                    on_change=reconciler.mark_scope_dirty)
     runner = web.AppRunner(app)
     await runner.setup()
     await web.TCPSite(runner, options.host, options.port).start()
@@ -97,13 +98,15 @@ async def _serve(options: ControllerOptions, store: DuckDBStore, reconciler: Rec
         memo=kopf.Memo(reconciler=reconciler, health=health), stop_flag=stop,
     ))
     scanner = asyncio.create_task(_scan_loop(reconciler, health, options, stop, logger))
+    refresher = asyncio.create_task(_refresh_loop(reconciler, stop, logger))
     try:
         await stop.wait()
     finally:
         logger.info("controller.stopping")
         await asyncio.wait_for(asyncio.gather(operator, return_exceptions=True), timeout=15)
         scanner.cancel()
-        await asyncio.gather(scanner, return_exceptions=True)
+        refresher.cancel()
+        await asyncio.gather(scanner, refresher, return_exceptions=True)
         await runner.cleanup()
 
 
@@ -121,6 +124,17 @@ async def _scan_loop(reconciler: Reconciler, health: Health, options: Controller
             logger.error("controller.scan_failed", error=f"{type(exc).__name__}: {exc}")
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=options.scan_interval_s)
+
+
+async def _refresh_loop(reconciler: Reconciler, stop: asyncio.Event, logger) -> None:
+    """Rebuilds the status of EvalRuns marked dirty, coalescing bursts of events."""
+    while not stop.is_set():
+        try:
+            await asyncio.to_thread(reconciler.refresh_dirty)
+        except Exception as exc:
+            logger.error("controller.refresh_failed", error=f"{type(exc).__name__}: {exc}")
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=0.2)
 
 
 def _sweep(reconciler: Reconciler, health: Health, logger) -> None:

@@ -56,6 +56,10 @@ class Reconciler:
         self.clock = clock
         self._locks: defaultdict[tuple[str, str], threading.RLock] = defaultdict(threading.RLock)
         self._refusals: dict[tuple[str, str, str], str] = {}  # (namespace, evalrun, suite) -> why
+        # Status rebuilds are coalesced: events mark an EvalRun dirty and one loop rebuilds it,
+        # so a burst of pod events never queues the (fast) terminations behind (slow) rebuilds.
+        self._dirty: set[tuple[str, str]] = set()
+        self._dirty_lock = threading.Lock()
         self.log = log.get(component="controller")
 
     # ------------------------------------------------------------ the EvalRun
@@ -175,6 +179,27 @@ class Reconciler:
 
     # ------------------------------------------------------------ status
 
+    def mark_dirty(self, namespace: str, name: str) -> None:
+        with self._dirty_lock:
+            self._dirty.add((namespace, name))
+
+    def mark_scope_dirty(self, scope: str | None) -> None:
+        """The store service saw a run of this EvalRun start or finish."""
+        if scope and scope.count("/") >= 2:
+            namespace, name, _uid = scope.split("/", 2)
+            self.mark_dirty(namespace, name)
+
+    def refresh_dirty(self) -> int:
+        with self._dirty_lock:
+            todo, self._dirty = self._dirty, set()
+        for namespace, name in todo:
+            try:
+                self.refresh_status(namespace, name)
+            except Exception as exc:  # retried on the next round
+                self.mark_dirty(namespace, name)
+                self.log.error("controller.refresh_failed", evalrun=f"{namespace}/{name}", error=repr(exc))
+        return len(todo)
+
     def refresh_status(self, namespace: str, name: str) -> None:
         """Rebuild the status from the rows; post Events for what changed; start due retries."""
         with self._locks[(namespace, name)]:
@@ -202,22 +227,28 @@ class Reconciler:
 
     # ------------------------------------------------------------ runner pods
 
-    def on_runner_pod(self, pod: dict[str, Any], event_type: str | None) -> None:
+    def on_runner_pod(self, pod: dict[str, Any], event_type: str | None, nodes: dict[str, Any] | None = None) -> None:
+        """Act on a runner pod's death at once; the status follows on the refresh loop."""
         meta = pod.get("metadata") or {}
         run_id = (meta.get("annotations") or {}).get(builders.ANNOTATION_RUN_ID)
         labels = meta.get("labels") or {}
         evalrun_name = (meta.get("annotations") or {}).get(builders.ANNOTATION_EVALRUN) or labels.get(builders.LABEL_EVALRUN)
         if not run_id or not evalrun_name:
             return
-        death = self._classify(pod, deleted=event_type == "DELETED")
-        if death is not None:
-            self._act_on_death(pod, run_id, evalrun_name, death)
-        self.refresh_status(meta["namespace"], evalrun_name)
+        death = self._classify(pod, deleted=event_type == "DELETED", nodes=nodes)
+        acted = death is not None and self._act_on_death(pod, run_id, evalrun_name, death)
+        if event_type is not None or acted:
+            self.mark_dirty(meta["namespace"], evalrun_name)
 
-    def _classify(self, pod: dict[str, Any], deleted: bool) -> Death | None:
+    def _classify(self, pod: dict[str, Any], deleted: bool, nodes: dict[str, Any] | None = None) -> Death | None:
         spec = pod.get("spec") or {}
         node_name = spec.get("nodeName")
-        node = self.kube.get_node(node_name) if node_name else None
+        if nodes is not None and node_name in nodes:
+            node = nodes[node_name]
+        else:
+            node = self.kube.get_node(node_name) if node_name else None
+            if nodes is not None and node_name:
+                nodes[node_name] = node
         dying = deleted or (pod.get("metadata") or {}).get("deletionTimestamp") or \
             (pod.get("status") or {}).get("phase") in ("Failed", "Succeeded")
         job_name = (pod["metadata"].get("labels") or {}).get("job-name") or \
@@ -233,30 +264,37 @@ class Reconciler:
         except ValueError:
             return 120.0
 
-    def _act_on_death(self, pod: dict[str, Any], run_id: str, evalrun_name: str, death: Death) -> None:
+    def _act_on_death(self, pod: dict[str, Any], run_id: str, evalrun_name: str, death: Death) -> bool:
+        """Terminate (or record) the pod's run; True when this call changed a row."""
         ns = pod["metadata"]["namespace"]
         row = self.store.get_run(run_id)
-        evalrun = self.kube.get_evalrun(ns, evalrun_name)
-        if row is None:
+        if row is not None and row.status != RunStatus.RUNNING.value:
+            return False  # the runner (or an earlier event) closed it
+        if row is not None:  # the hot path: no API call before the row is closed
+            closed = recovery.terminate_for_owner_death(
+                self.store, run_id, death.cause, death.reason, TERMINATED_BY, death.summary)
+            evalrun = self.kube.get_evalrun(ns, evalrun_name) if closed is not None else None
+        else:
             # The runner never opened its run: record the attempt as failed so it is seen and retried.
-            if not (death.terminal or death.cause is Cause.NEVER_STARTED) or evalrun is None:
-                return
+            if not (death.terminal or death.cause is Cause.NEVER_STARTED):
+                return False
+            evalrun = self.kube.get_evalrun(ns, evalrun_name)
+            if evalrun is None:
+                return False
             closed = self.store.record_failed_start(
                 self._request_for(evalrun, pod, run_id), death.cause.value, death.reason, TERMINATED_BY)
             if death.cause is Cause.NEVER_STARTED:
                 job_name = (pod["metadata"].get("labels") or {}).get("job-name")
                 if job_name:
                     self.kube.delete_job(ns, job_name)  # so it cannot start late and open a zombie run
-        elif row.status == RunStatus.RUNNING.value:
-            closed = recovery.terminate_for_owner_death(
-                self.store, run_id, death.cause, death.reason, TERMINATED_BY, death.summary)
-        else:
-            return
-        if closed is not None and evalrun is not None:
+        if closed is None:
+            return False
+        if evalrun is not None:
             how = " (from the runner's summary)" if closed.terminated_by and "summary" in closed.terminated_by else ""
             self.kube.post_event(
                 evalrun, "Warning" if closed.status == RunStatus.FAILED.value else "Normal", "RunTerminated",
                 f"run {run_id} {closed.status}{how}: {closed.cause or ''} {death.reason}".strip())
+        return True
 
     def _request_for(self, evalrun: dict[str, Any], pod: dict[str, Any], run_id: str) -> RunRequest:
         meta = evalrun["metadata"]
@@ -279,9 +317,10 @@ class Reconciler:
 
     def scan_pods(self) -> None:
         """Classify every runner pod against the clock: never-started pods and lost nodes send no event."""
+        nodes: dict[str, Any] = {}  # one lookup per node per scan
         for pod in self.kube.runner_pods(self.settings.namespace):
             try:
-                self.on_runner_pod(pod, None)
+                self.on_runner_pod(pod, None, nodes)
             except Exception as exc:  # one bad pod must not stop the scan of the others
                 self.log.error("controller.scan_failed", pod=pod["metadata"].get("name"), error=repr(exc))
 
@@ -327,7 +366,7 @@ class Reconciler:
         if evalrun is not None:
             self.kube.post_event(evalrun, "Warning", "RunTerminated",
                                  f"run {run.id} failed: {closed.cause}: {closed.error}")
-            self.refresh_status(ns, name)
+            self.mark_dirty(ns, name)
 
 
 def _comparable(status_obj: dict[str, Any]) -> dict[str, Any]:

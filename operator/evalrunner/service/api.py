@@ -17,7 +17,7 @@ from ..store import wire
 from ..store.duckdb_store import RunIdTaken
 from ..store.records import RunRow
 from .auth import Caller
-from .context import CALLS, STORE, TOKENS, StoreCalls, http_error
+from .context import CALLS, ON_CHANGE, STORE, TOKENS, StoreCalls, http_error
 
 MAX_EVENTS_PER_BATCH = 10_000
 
@@ -86,6 +86,9 @@ async def start_run(request: web.Request) -> web.Response:
                      live_run_ids=list(exc.live_run_ids), owners=[]) from None
     except RunIdTaken as exc:
         raise http_error(web.HTTPConflict, str(exc), kind="run_id_taken") from None
+    request.app[ON_CHANGE](adm.run.scope)
+    for replaced in adm.replaced:
+        request.app[ON_CHANGE](replaced.scope)
     return web.json_response(wire.admission_to_json(adm), status=201)
 
 
@@ -168,6 +171,7 @@ async def finish_run(request: web.Request) -> web.Response:
     closed = await calls(store.finish_run, run.id, status, body.get("cause"), body.get("error"),
                          dict(body.get("unsaved_cases") or {}))
     if closed is not None:
+        request.app[ON_CHANGE](closed.scope)
         return web.json_response({"applied": True, "run": wire.run_row_to_json(closed)})
     current = await calls(store.get_run, run.id)
     # A retry of a finish that already landed is a success, not a fence.

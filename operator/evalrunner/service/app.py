@@ -17,7 +17,7 @@ from .. import log, recovery
 from ..store.duckdb_store import DuckDBStore, utcnow
 from . import api
 from .auth import TokenCheck
-from .context import CALLS, HEALTH, STARTED, STORE, TOKENS, StoreCalls, json_error
+from .context import CALLS, HEALTH, ON_CHANGE, STARTED, STORE, TOKENS, StoreCalls, json_error
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 
@@ -45,6 +45,7 @@ def build_app(
     sweep_interval_s: float | None = None,
     liveness: recovery.LivenessCheck | None = None,
     health: Callable[[], tuple[bool, dict]] | None = None,
+    on_change: Callable[[str | None], None] | None = None,
 ) -> web.Application:
     """The service app. With `sweep_interval_s`, orphans are swept in the background too."""
     app = web.Application(client_max_size=max_body_bytes, middlewares=[errors_as_json])
@@ -54,6 +55,7 @@ def build_app(
     app[TOKENS] = TokenCheck(store.scope_for_token, admin_token)
     app[STARTED] = time.time()
     app[HEALTH] = health
+    app[ON_CHANGE] = on_change or (lambda scope: None)
     app.router.add_get("/healthz", healthz)
     api.add_routes(app)
 

@@ -33,6 +33,7 @@ CALLS = web.AppKey("calls", StoreCalls)
 TOKENS = web.AppKey("tokens", TokenCheck)
 STARTED = web.AppKey("started", float)
 HEALTH = web.AppKey("health", object)
+ON_CHANGE = web.AppKey("on_change", object)  # called with a run's scope when it starts or finishes
 
 
 def dumps(data: Any) -> str:
