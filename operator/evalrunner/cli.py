@@ -129,7 +129,7 @@ def cmd_controller(args: argparse.Namespace) -> int:
     from .controller.main import ControllerOptions, run_controller
 
     return run_controller(ControllerOptions(
-        db=args.db, kubeconfig=args.kubeconfig, namespace=args.namespace, host=args.host, port=args.port,
+        db=args.db, kubeconfig=args.kubeconfig, namespaces=tuple(args.namespace or ()), host=args.host, port=args.port,
         store_url_for_pods=args.store_url_for_pods, admin_token=os.environ.get(args.admin_token_env),
         scan_interval_s=args.scan_interval, sweep_interval_s=args.sweep_interval,
         heartbeat_timeout_s=args.heartbeat_timeout,
@@ -307,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("controller", cmd_controller, "run the Kubernetes operator and the store service")
     p.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"),
                    help="kubeconfig file (default $KUBECONFIG, else in-cluster config)")
-    p.add_argument("--namespace", help="watch one namespace (default: all)")
+    p.add_argument("--namespace", action="append", metavar="NS",
+                   help="watch this namespace; repeat for several (default: every namespace)")
     p.add_argument("--host", default="0.0.0.0", help="store service address (default %(default)s)")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--store-url-for-pods", metavar="URL",

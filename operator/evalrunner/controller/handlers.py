@@ -1,7 +1,7 @@
 """kopf handlers: thin. Each reads the event and hands it to the Reconciler (in `memo`).
 
-Pods are watched with `on.event` and a label filter, never on.create/update:
-those would write kopf's annotations onto objects we don't own. Handlers are
+Everything is watched with `on.event` (pods with a label filter), never
+on.create/update: those would write kopf's annotations onto the objects. Handlers are
 sync, so kopf runs them in its thread pool and the blocking Kubernetes client
 and DuckDB calls never stall the event loop.
 """
@@ -17,7 +17,6 @@ from ..crd import GROUP, VERSION
 from .builders import LABEL_MANAGED_BY, MANAGER
 
 PLURAL = "evalruns"
-ANNOTATION_PREFIX = "evals.workshop.dev"
 
 
 @kopf.on.startup()
@@ -26,10 +25,6 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.server_timeout = 60
     settings.watching.client_timeout = 90
     settings.watching.connect_timeout = 10
-    # Keep kopf's bookkeeping in our own annotation namespace, and out of status.
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=ANNOTATION_PREFIX, key="last-handled-configuration")
     settings.posting.level = logging.WARNING
     settings.execution.max_workers = 8
 
@@ -51,10 +46,17 @@ def login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
     )
 
 
-@kopf.on.create(GROUP, VERSION, PLURAL)
-@kopf.on.resume(GROUP, VERSION, PLURAL)
-def evalrun_created(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    memo.reconciler.ensure_evalrun(_plain(body))
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def evalrun_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    """Every EvalRun event, including the initial listing on start (the resume path).
+
+    `on.event` rather than `on.create`: kopf then keeps no progress annotations
+    on the object, so the controller writes only the status subresource and a
+    GitOps tool sees no drift. The reconciler is idempotent, so repeats are harmless.
+    """
+    if event.get("type") == "DELETED":
+        return  # owner references garbage-collect the children; the rows stay in the store
+    memo.reconciler.ensure_evalrun(_plain(event["object"]))
 
 
 @kopf.on.event("", "v1", "pods", labels={LABEL_MANAGED_BY: MANAGER})

@@ -31,10 +31,14 @@ class Kube:
 
     # ------------------------------------------------------------ children
 
-    def create_owned(self, obj: dict[str, Any], evalrun: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    def create_owned(
+        self, obj: dict[str, Any], evalrun: dict[str, Any], adopt_blindly: bool = False
+    ) -> tuple[dict[str, Any], bool]:
         """Create `obj`, or adopt the existing one of the same fixed name if this EvalRun owns it.
 
-        Returns (object, created). A name taken by someone else's object is an error.
+        Returns (object, created). A name taken by someone else's object is an
+        error. `adopt_blindly` skips reading the existing object back, for kinds
+        the controller may create but not read (Secrets).
         """
         kind, ns, name = obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]
         create, read = {
@@ -47,13 +51,12 @@ class Kube:
         except ApiException as exc:
             if exc.status != 409:
                 raise
+        if adopt_blindly:
+            return obj, False
         existing = self._plain(read(name, ns))
         if not owned_by(existing, evalrun):
             raise RuntimeError(f"{kind} {ns}/{name} exists and belongs to another object; rename the EvalRun or suite")
         return existing, False
-
-    def read_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
-        return self._read(self.core.read_namespaced_secret, name, namespace)
 
     def get_pod(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self._read(self.core.read_namespaced_pod, name, namespace)
@@ -64,13 +67,15 @@ class Kube:
     def get_node(self, name: str) -> dict[str, Any] | None:
         return self._read(self.core.read_node, name)
 
-    def runner_pods(self, namespace: str | None) -> list[dict[str, Any]]:
+    def runner_pods(self, namespaces: tuple[str, ...]) -> list[dict[str, Any]]:
+        """Runner pods in `namespaces` (every namespace when empty)."""
         selector = f"{LABEL_MANAGED_BY}={MANAGER}"
-        if namespace:
-            pods = self.core.list_namespaced_pod(namespace, label_selector=selector)
-        else:
-            pods = self.core.list_pod_for_all_namespaces(label_selector=selector)
-        return [self._plain(p) for p in pods.items]
+        if not namespaces:
+            return [self._plain(p) for p in self.core.list_pod_for_all_namespaces(label_selector=selector).items]
+        out = []
+        for namespace in namespaces:
+            out += [self._plain(p) for p in self.core.list_namespaced_pod(namespace, label_selector=selector).items]
+        return out
 
     def delete_job(self, namespace: str, name: str) -> None:
         try:

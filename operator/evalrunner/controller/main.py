@@ -35,7 +35,7 @@ from .reconciler import ControllerSettings, Reconciler
 class ControllerOptions:
     db: str
     kubeconfig: str | None
-    namespace: str | None
+    namespaces: tuple[str, ...]  # empty: every namespace
     host: str
     port: int
     store_url_for_pods: str | None
@@ -63,7 +63,7 @@ def run_controller(options: ControllerOptions) -> int:
         kube = Kube(api_client_for(options.kubeconfig))
         settings = ControllerSettings(
             store_url_for_pods=options.store_url_for_pods or f"http://{options.host}:{options.port}",
-            namespace=options.namespace,
+            namespaces=options.namespaces,
             scan_interval_s=options.scan_interval_s,
             sweep_interval_s=options.sweep_interval_s,
             heartbeat_timeout_s=options.heartbeat_timeout_s,
@@ -87,27 +87,34 @@ async def _serve(options: ControllerOptions, store: DuckDBStore, reconciler: Rec
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     logger = log.get(component="controller")
-    logger.info("controller.started", db=store.path, namespace=options.namespace or "*",
+    logger.info("controller.started", db=store.path, namespaces=list(options.namespaces) or "*",
                 store_url=reconciler.settings.store_url_for_pods, listen=f"{options.host}:{options.port}")
 
     # On start, every running row is reconciled against the pods that exist, before any new work.
     await asyncio.to_thread(_sweep, reconciler, health, logger)
-    namespaces = [options.namespace] if options.namespace else []
+    namespaces = list(options.namespaces)
     operator = asyncio.create_task(kopf.operator(
         namespaces=namespaces, clusterwide=not namespaces, standalone=True,
         memo=kopf.Memo(reconciler=reconciler, health=health), stop_flag=stop,
     ))
     scanner = asyncio.create_task(_scan_loop(reconciler, health, options, stop, logger))
     refresher = asyncio.create_task(_refresh_loop(reconciler, stop, logger))
+    stopped = asyncio.create_task(stop.wait())
     try:
-        await stop.wait()
+        # Once started, kopf installs its own SIGTERM/SIGINT handlers in place of ours and stops
+        # on a signal without setting `stop`: so the operator task ending is a stop too (and a
+        # kopf that died must not leave a process that serves the store but watches nothing).
+        await asyncio.wait({operator, stopped}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         logger.info("controller.stopping")
+        stop.set()
         await asyncio.wait_for(asyncio.gather(operator, return_exceptions=True), timeout=15)
         scanner.cancel()
         refresher.cancel()
-        await asyncio.gather(scanner, refresher, return_exceptions=True)
+        await asyncio.gather(scanner, refresher, stopped, return_exceptions=True)
         await runner.cleanup()
+    if not operator.cancelled() and (error := operator.exception()) is not None:
+        raise error
 
 
 async def _scan_loop(reconciler: Reconciler, health: Health, options: ControllerOptions,

@@ -17,7 +17,6 @@ Events for what changed.
 
 from __future__ import annotations
 
-import base64
 import threading
 from collections import defaultdict
 from dataclasses import dataclass
@@ -42,7 +41,7 @@ TERMINATED_BY = "controller"
 @dataclass(frozen=True)
 class ControllerSettings:
     store_url_for_pods: str
-    namespace: str | None = None  # None: every namespace
+    namespaces: tuple[str, ...] = ()  # empty: every namespace
     scan_interval_s: float = 1.0
     sweep_interval_s: float = 5.0
     heartbeat_timeout_s: float = recovery.DEFAULT_HEARTBEAT_TIMEOUT_S
@@ -84,19 +83,20 @@ class Reconciler:
                                    {"phase": "Failed", "observedGeneration": evalrun["metadata"].get("generation")})
             return None
 
-    def _ensure_token(self, evalrun: dict[str, Any]) -> str:
+    def _ensure_token(self, evalrun: dict[str, Any]) -> None:
+        """Register a token for the EvalRun's scope, then hand it to its runners in a Secret.
+
+        Registering first means every token that ever reached a Secret is known
+        to the store, so after a restart the controller never needs to read a
+        Secret back (its RBAC has no `get` on Secrets).
+        """
         meta = evalrun["metadata"]
         scope = scope_of(meta["namespace"], meta["name"], meta["uid"])
-        existing = self.kube.read_secret(meta["namespace"], builders.token_secret_name(meta["name"]))
-        if existing and builders.owned_by(existing, evalrun):
-            token = base64.b64decode(existing["data"][builders.TOKEN_KEY]).decode()
-        else:
-            token = new_token()
-            secret, created = self.kube.create_owned(builders.build_token_secret(evalrun, token), evalrun)
-            if not created:
-                token = base64.b64decode(secret["data"][builders.TOKEN_KEY]).decode()
+        if self.store.scope_has_token(scope):
+            return
+        token = new_token()
         self.store.register_token(scope, token)
-        return token
+        self.kube.create_owned(builders.build_token_secret(evalrun, token), evalrun, adopt_blindly=True)
 
     def _advance_suite(self, evalrun: dict[str, Any], spec: EvalRunSpec, suite: EvalRunSuite) -> None:
         """Make the Job that should exist now exist: attempt 1, or the retry of a failed attempt."""
@@ -318,7 +318,7 @@ class Reconciler:
     def scan_pods(self) -> None:
         """Classify every runner pod against the clock: never-started pods and lost nodes send no event."""
         nodes: dict[str, Any] = {}  # one lookup per node per scan
-        for pod in self.kube.runner_pods(self.settings.namespace):
+        for pod in self.kube.runner_pods(self.settings.namespaces):
             try:
                 self.on_runner_pod(pod, None, nodes)
             except Exception as exc:  # one bad pod must not stop the scan of the others
@@ -329,8 +329,9 @@ class Reconciler:
         now = self.clock()
         closed = []
         for run in self.store.running_runs():
-            if self.settings.namespace and run.owner and run.owner.kind == "pod" and run.owner.namespace != self.settings.namespace:
-                continue
+            if self.settings.namespaces and run.owner and run.owner.kind == "pod" \
+                    and run.owner.namespace not in self.settings.namespaces:
+                continue  # another controller's (or nobody's) business
             verdict = self._row_verdict(run, now)
             if verdict is None:
                 continue

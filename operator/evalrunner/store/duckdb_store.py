@@ -29,10 +29,23 @@ from ..faults import Faults
 from ..models import Cause, LockPolicy, RunStatus
 from ..owner import Owner
 from . import errors
-from .records import Admission, CaseEvent, CaseRow, RunRequest, RunRow, SaveReport, case_row_id
+from .records import (
+    Admission,
+    CaseEvent,
+    CaseRow,
+    CaseTally,
+    HeartbeatAge,
+    HistogramCounts,
+    MetricsSnapshot,
+    RunRequest,
+    RunRow,
+    SaveReport,
+    case_row_id,
+)
 from .schema import CURRENT_VERSION, MIGRATIONS
 
 Clock = Callable[[], datetime]
+TransactionObserver = Callable[[float, "BaseException | None"], None]
 
 RUNNING = RunStatus.RUNNING.value
 COMPLETED = RunStatus.COMPLETED.value
@@ -71,6 +84,9 @@ class DuckDBStore:
         self.clock = clock
         self.faults = faults if faults is not None else Faults.from_env()
         self._local = threading.local()
+        # Called after every write transaction with (seconds, exception or None); /metrics uses it.
+        # It runs on the writing thread and must not raise (a failing observer is ignored).
+        self.transaction_observer: TransactionObserver | None = None
 
     # ------------------------------------------------------------ opening
 
@@ -146,7 +162,20 @@ class DuckDBStore:
     # ------------------------------------------------------------ transactions
 
     def _transaction(self, body: Callable[[duckdb.DuckDBPyConnection], object]) -> object:
-        """Run `body` in a transaction, retrying DuckDB write-write conflicts."""
+        """Run `body` in a transaction, retrying DuckDB write-write conflicts; tell the observer how it went."""
+        observer = self.transaction_observer
+        if observer is None:
+            return self._run_transaction(body)
+        started = time.perf_counter()
+        try:
+            result = self._run_transaction(body)
+        except BaseException as exc:
+            _notify(observer, time.perf_counter() - started, exc)
+            raise
+        _notify(observer, time.perf_counter() - started, None)
+        return result
+
+    def _run_transaction(self, body: Callable[[duckdb.DuckDBPyConnection], object]) -> object:
         cur = self._cur()
         for attempt in range(_CONFLICT_RETRIES):
             cur.begin()
@@ -427,6 +456,9 @@ class DuckDBStore:
         row = self._cur().execute("SELECT scope FROM api_tokens WHERE token_sha256 = ?", [_sha256(token)]).fetchone()
         return row[0] if row else None
 
+    def scope_has_token(self, scope: str) -> bool:
+        return self._cur().execute("SELECT 1 FROM api_tokens WHERE scope = ? LIMIT 1", [scope]).fetchone() is not None
+
     def revoke_scope(self, scope: str) -> None:
         self._transaction(lambda cur: cur.execute("DELETE FROM api_tokens WHERE scope = ?", [scope]))
 
@@ -481,6 +513,129 @@ class DuckDBStore:
         ).fetchall()
         return [CaseRow(*r) for r in rows]
 
+    # ------------------------------------------------------------ reads for the /evals page and /metrics
+
+    def page_runs(
+        self,
+        status: str | None = None,
+        suite: str | None = None,
+        limit: int = 50,
+        before: tuple[datetime, str] | None = None,
+        after: tuple[datetime, str] | None = None,
+    ) -> list[RunRow]:
+        """One page of runs, newest first, by keyset rather than OFFSET, so a deep page costs what the first does.
+
+        `before` is the (created_at, id) of the last row of the page above
+        (older rows follow); `after` that of the first row of the page below
+        (the newer rows just above it, still returned newest first).
+        """
+        where, params = _run_filters(status, suite)
+        clauses = [where[len("WHERE "):]] if where else []
+        order = "DESC"
+        if before is not None:
+            clauses.append("(created_at < ? OR (created_at = ? AND id < ?))")
+            params += [before[0], before[0], before[1]]
+        if after is not None:
+            clauses.append("(created_at > ? OR (created_at = ? AND id > ?))")
+            params += [after[0], after[0], after[1]]
+            order = "ASC"
+        tail = ("WHERE " + " AND ".join(clauses)) if clauses else ""
+        rows = self._select_runs(
+            self._cur(), f"{tail} ORDER BY created_at {order}, id {order} LIMIT ?", [*params, limit]
+        )
+        return rows[::-1] if order == "ASC" else rows
+
+    def case_tallies(self, run_ids: Sequence[str]) -> dict[str, CaseTally]:
+        """Pass/fail/error/running counts from the case rows, for runs whose totals are not written yet."""
+        if not run_ids:
+            return {}
+        rows = self._cur().execute(
+            "SELECT run_id, "
+            "count(*) FILTER (WHERE status = 'completed' AND passed), "
+            "count(*) FILTER (WHERE status = 'completed' AND NOT coalesce(passed, false)), "
+            "count(*) FILTER (WHERE status = 'failed'), "
+            "count(*) FILTER (WHERE status = 'running') "
+            "FROM eval_cases WHERE list_contains(?, run_id) GROUP BY run_id",
+            [list(run_ids)],
+        ).fetchall()
+        return {r[0]: CaseTally(int(r[1]), int(r[2]), int(r[3]), int(r[4])) for r in rows}
+
+    def suite_names(self, limit: int = 200) -> list[str]:
+        """Suites seen, most recently run first (for the page's suite filter)."""
+        rows = self._cur().execute(
+            "SELECT suite FROM eval_runs GROUP BY suite ORDER BY max(created_at) DESC LIMIT ?", [limit]
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def metrics_snapshot(
+        self, now: datetime, delay_buckets: Sequence[float], duration_buckets: Sequence[float]
+    ) -> MetricsSnapshot:
+        """Everything /metrics reads from the database, in one pass on the store thread.
+
+        Detection delay of a row closed by an automatic detector (the sweeper
+        or the controller, `terminated_by` starting with either; replaced runs
+        excluded) is `completed_at - heartbeat_at`: from the owner's last sign
+        of life to the terminal write. It over-states the true delay by at most
+        one heartbeat interval, never under-states it.
+        """
+        cur = self._cur()
+        by_status = {r[0]: int(r[1]) for r in cur.execute(
+            "SELECT status, count(*) FROM eval_runs GROUP BY status").fetchall()}
+        terminations = {(r[0], r[1]): int(r[2]) for r in cur.execute(
+            "SELECT coalesce(cause, 'unknown'), coalesce(terminated_by, 'unknown'), count(*) "
+            "FROM eval_runs WHERE status = 'failed' GROUP BY ALL").fetchall()}
+        delay_rows = _histogram_rows(
+            cur,
+            "SELECT split_part(terminated_by, ' ', 1) AS label, "
+            "epoch(completed_at) - epoch(heartbeat_at) AS x FROM eval_runs "
+            "WHERE (starts_with(terminated_by, 'sweeper') OR starts_with(terminated_by, 'controller')) "
+            "AND coalesce(cause, '') <> 'replaced' AND heartbeat_at IS NOT NULL AND completed_at IS NOT NULL",
+            delay_buckets,
+        )
+        duration_rows = _histogram_rows(
+            cur,
+            "SELECT status AS label, duration_ms / 1000.0 AS x FROM eval_cases "
+            "WHERE duration_ms IS NOT NULL AND carried_from IS NULL",
+            duration_buckets,
+        )
+        heartbeats = [
+            HeartbeatAge(r[0], r[1], (now - r[2]).total_seconds() if r[2] is not None else None)
+            for r in cur.execute(
+                "SELECT id, suite, heartbeat_at FROM eval_runs WHERE status = 'running' ORDER BY created_at"
+            ).fetchall()
+        ]
+        return MetricsSnapshot(by_status, terminations, delay_rows, duration_rows, heartbeats)
+
+    def import_runs(self, runs: Sequence[RunRow]) -> int:
+        """Insert rows verbatim in one statement (bulk import; the page benchmark's 100,000 runs).
+
+        Rows whose id already exists are skipped. Not a state transition: the
+        rows keep the status, owner and timestamps they carry.
+        """
+        if not runs:
+            return 0
+        columns = [c.strip() for c in RUN_COLUMNS.split(",")]
+        types = {
+            "created_at": "TIMESTAMPTZ", "started_at": "TIMESTAMPTZ", "completed_at": "TIMESTAMPTZ",
+            "heartbeat_at": "TIMESTAMPTZ", "deadline_at": "TIMESTAMPTZ", "attempt": "INTEGER",
+            "timeout_seconds": "DOUBLE", "case_count": "INTEGER", "passed": "INTEGER", "failed": "INTEGER",
+            "errored": "INTEGER",
+        }
+        values = []
+        for name in columns:
+            if name == "owner":
+                values.append([r.owner.to_json() if r.owner else None for r in runs])
+            else:
+                values.append([getattr(r, name) for r in runs])
+        select = ", ".join(f"unnest(${i + 1}::{types.get(name, 'VARCHAR')}[])" for i, name in enumerate(columns))
+
+        def body(cur: duckdb.DuckDBPyConnection) -> int:
+            before = cur.execute("SELECT count(*) FROM eval_runs").fetchone()[0]
+            cur.execute(f"INSERT INTO eval_runs ({RUN_COLUMNS}) SELECT {select} ON CONFLICT (id) DO NOTHING", values)
+            return int(cur.execute("SELECT count(*) FROM eval_runs").fetchone()[0] - before)
+
+        return self._transaction(body)  # type: ignore[return-value]
+
     def _select_runs(self, cur: duckdb.DuckDBPyConnection, tail: str, params: Iterable[object]) -> list[RunRow]:
         rows = cur.execute(f"SELECT {RUN_COLUMNS} FROM eval_runs {tail}", list(params)).fetchall()
         return [_run_row(r) for r in rows]
@@ -504,6 +659,30 @@ def _run_filters(status: str | None, suite: str | None) -> tuple[str, list[objec
         clauses.append("suite = ?")
         params.append(suite)
     return ("WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+def _histogram_rows(
+    cur: duckdb.DuckDBPyConnection, source: str, buckets: Sequence[float]
+) -> dict[str, HistogramCounts]:
+    """Cumulative bucket counts (Prometheus `le` semantics), sum and count of `x`, per `label`."""
+    bucket_sql = ", ".join("count(*) FILTER (WHERE x <= ?)" for _ in buckets)
+    rows = cur.execute(
+        f"SELECT label, {bucket_sql}{',' if buckets else ''} count(*), coalesce(sum(x), 0) "
+        f"FROM ({source}) WHERE x IS NOT NULL GROUP BY label ORDER BY label",
+        [float(b) for b in buckets],
+    ).fetchall()
+    n = len(buckets)
+    return {
+        str(r[0]): HistogramCounts(tuple(zip(map(float, buckets), map(int, r[1:n + 1]))), int(r[n + 1]), float(r[n + 2]))
+        for r in rows
+    }
+
+
+def _notify(observer: TransactionObserver, seconds: float, error: BaseException | None) -> None:
+    try:
+        observer(seconds, error)
+    except Exception:  # metrics must never fail a write
+        pass
 
 
 def _run_row(r: Sequence[object]) -> RunRow:
