@@ -26,6 +26,7 @@ EXAMPLES = REPO / "examples" / "suites"
 CRD_FILE = REPO / "crds" / "evalruns.evals.workshop.dev.yaml"
 GROUP, VERSION, PLURAL = "evals.workshop.dev", "v1alpha1", "evalruns"
 ADMIN_TOKEN = "cluster-test-admin-token"
+RUN_ID = "evals.workshop.dev/run-id"  # the pod annotation naming the attempt's run row
 
 
 def free_port() -> int:
@@ -46,10 +47,11 @@ def wait_for(what: str, probe: Callable[[], Any], timeout: float = 60, interval:
 
 
 class ControllerProcess:
-    def __init__(self, kubeconfig: str, namespace: str, workdir: Path, extra_args: list[str] | None = None):
+    def __init__(self, kubeconfig: str, namespace: str, workdir: Path, extra_args: list[str] | None = None,
+                 db: Path | None = None):
         self.kubeconfig = kubeconfig
         self.namespace = namespace
-        self.db = workdir / "controller.duckdb"
+        self.db = db or workdir / "controller.duckdb"
         self.log_path = workdir / "controller.log"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -62,13 +64,18 @@ class ControllerProcess:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "evalrunner.cli", "controller", "--db", str(self.db), "--kubeconfig",
-             self.kubeconfig, "--namespace", self.namespace, "--host", "127.0.0.1", "--port", str(self.port),
+             self.kubeconfig, *self._namespace_args(), "--host", "127.0.0.1", "--port", str(self.port),
              "--log-format", "json", "--scan-interval", "0.5", "--sweep-interval", "2", *self.extra_args],
             stdout=self._log, stderr=subprocess.STDOUT, env=env,
         )
         if wait:
             wait_for("the controller's store service", self.healthy, timeout=30)
         return self
+
+    def _namespace_args(self) -> list[str]:
+        """One namespace, a list of them, or none (every namespace)."""
+        names = [self.namespace] if isinstance(self.namespace, str) else list(self.namespace or [])
+        return [arg for ns in names for arg in ("--namespace", ns)]
 
     def healthy(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
@@ -123,6 +130,23 @@ class ControllerProcess:
     def cases(self, run_id: str) -> list[dict]:
         return self.api(f"/runs/{run_id}/cases")["cases"]
 
+    def completed_cases(self, run_id: str) -> set[str]:
+        """Names of the run's completed case rows (empty while the run has no row)."""
+        if self.run(run_id) is None:
+            return set()
+        return {c["name"] for c in self.cases(run_id) if c["status"] == "completed"}
+
+    def wait_completed(self, run_id: str, at_least: int, timeout: float = 60) -> set[str]:
+        return wait_for(f"{at_least} completed cases of run {run_id}",
+                        lambda: done if len(done := self.completed_cases(run_id)) >= at_least else None,
+                        timeout=timeout, interval=0.05)
+
+    def wait_terminal(self, run_id: str, timeout: float = 30) -> tuple[dict, float]:
+        """The run's row once it is no longer running, and the monotonic time it was first seen so."""
+        row = wait_for(f"run {run_id} to terminate",
+                       lambda: (r := self.run(run_id)) and r["status"] != "running" and r, timeout=timeout, interval=0.05)
+        return row, time.monotonic()
+
 
 class EvalRuns:
     """EvalRun objects, their status and Events, through the real API server."""
@@ -167,6 +191,47 @@ class EvalRuns:
 
         return wait_for(f"a Running pod of suite {suite} attempt {attempt}", probe, timeout=timeout)
 
+    def any_pod(self, name: str, suite: str, attempt: int = 1, timeout: float = 60) -> Any:
+        """The pod of a suite attempt once it exists, in whatever phase (for runners that die fast)."""
+        selector = f"evals.workshop.dev/evalrun={name},evals.workshop.dev/suite={suite},evals.workshop.dev/attempt={attempt}"
+        return wait_for(f"a pod of suite {suite} attempt {attempt}",
+                        lambda: next(iter(self.core.list_namespaced_pod(self.namespace, label_selector=selector).items),
+                                     None), timeout=timeout, interval=0.05)
+
+    def pod(self, name: str) -> Any | None:
+        from kubernetes.client.rest import ApiException
+
+        try:
+            return self.core.read_namespaced_pod(name, self.namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def wait_pod_dying(self, name: str, timeout: float = 60) -> float:
+        """Monotonic time at which the pod is first seen finished, being deleted, or gone."""
+        def dying():
+            pod = self.pod(name)
+            return pod is None or pod.metadata.deletion_timestamp is not None or \
+                pod.status.phase in ("Succeeded", "Failed")
+        wait_for(f"pod {name} to finish", dying, timeout=timeout, interval=0.05)
+        return time.monotonic()
+
+    def wait_pod_phase(self, name: str, phases: tuple[str, ...] = ("Failed", "Succeeded"), timeout: float = 30) -> Any:
+        return wait_for(f"pod {name} phase in {phases}",
+                        lambda: (p := self.pod(name)) is not None and p.status.phase in phases and p,
+                        timeout=timeout, interval=0.05)
+
+    def job(self, name: str) -> Any | None:
+        from kubernetes.client.rest import ApiException
+
+        try:
+            return self.batch.read_namespaced_job(name, self.namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
 
 def install_crd(api_client: Any) -> None:
     from kubernetes import client
@@ -203,7 +268,50 @@ def slow_suite(name: str = "slow", cases: int = 6, seconds: float = 1.0, timeout
             "cases": [{"id": f"c{i}", "input": seconds, "expected": "done"} for i in range(cases)], **extra}
 
 
+def target_suite(name: str, target: str, inputs: list[Any], expected: str = "ok", timeout: float = 10,
+                 **extra: Any) -> dict:
+    """Cases c0, c1, ... calling `targets:<target>` with `inputs`, one at a time (so their order is known)."""
+    return {"name": name, "timeoutSeconds": timeout, "concurrency": 1,
+            "target": {"python": {"callable": f"targets:{target}"}},
+            "cases": [{"id": f"c{i}", "input": value, "expected": expected} for i, value in enumerate(inputs)],
+            **extra}
+
+
 def smoke_suite(name: str = "smoke") -> dict:
     return {"name": name, "timeoutSeconds": 5, "target": {"python": {"callable": "targets:calculator"}},
             "cases": [{"id": "add", "input": "2+2", "expected": "4"}, {"id": "mul", "input": "6*7", "expected": "42"},
                       {"id": "wrong", "input": "1+1", "expected": "3"}]}
+
+
+# ---------------------------------------------------------------- helm, kubectl, service-account logins
+
+
+def tool_path(script: str, name: str) -> str:
+    """The pinned binary built by tools/<...>/build (a no-op when cached)."""
+    import subprocess as sp
+
+    out = sp.run([str(REPO / script)], check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    return out if out.endswith(name) else str(Path(out) / name)
+
+
+def kubeconfig_for_token(admin_kubeconfig: str, token: str, path: Path) -> str:
+    """A kubeconfig that authenticates with `token` against the same API server."""
+    admin = yaml.safe_load(Path(admin_kubeconfig).read_text())
+    cluster = admin["clusters"][0]
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": [cluster],
+        "users": [{"name": "sa", "user": {"token": token}}],
+        "contexts": [{"name": "sa", "context": {"cluster": cluster["name"], "user": "sa"}}],
+        "current-context": "sa",
+    }))
+    return str(path)
+
+
+def service_account_token(api_client: Any, namespace: str, name: str, seconds: int = 3600) -> str:
+    """A token for the ServiceAccount from the TokenRequest API, as a kubelet would mount it."""
+    from kubernetes import client
+
+    request = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+               "spec": {"expirationSeconds": seconds}}
+    return client.CoreV1Api(api_client).create_namespaced_service_account_token(name, namespace, request).status.token

@@ -25,6 +25,9 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.server_timeout = 60
     settings.watching.client_timeout = 90
     settings.watching.connect_timeout = 10
+    # Namespaces are named exactly and resources are fixed, so kopf needs no
+    # cluster-wide watch of Namespaces and CRDs (and the chart grants none).
+    settings.scanning.disabled = True
     settings.posting.level = logging.WARNING
     settings.execution.max_workers = 8
 

@@ -1,5 +1,8 @@
 """The controller's calls to the Kubernetes API, and nothing else.
 
+The chart's RBAC (charts/evalrunner/templates/rbac.yaml) grants exactly the
+verbs used here; add a call, add its verb there.
+
 Synchronous client, used from kopf's sync handlers (a thread pool) and the
 scan loop's thread, never from the event loop. Objects go in and come out as
 plain dicts, so the builders and the classifier never see client classes.
@@ -14,7 +17,7 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from ..crd import GROUP, KIND, VERSION
-from .builders import LABEL_EVALRUN, LABEL_MANAGED_BY, MANAGER, owned_by
+from .builders import LABEL_MANAGED_BY, MANAGER, owned_by
 
 PLURAL = "evalruns"
 
@@ -90,10 +93,6 @@ class Kube:
         except ApiException as exc:
             if exc.status != 404:
                 raise
-
-    def jobs_of(self, namespace: str, evalrun_label: str) -> list[dict[str, Any]]:
-        jobs = self.batch.list_namespaced_job(namespace, label_selector=f"{LABEL_EVALRUN}={evalrun_label}")
-        return [self._plain(j) for j in jobs.items]
 
     # ------------------------------------------------------------ the EvalRun
 

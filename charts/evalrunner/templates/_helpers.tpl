@@ -1,0 +1,61 @@
+{{/* The release's full name, used for every object of the chart. */}}
+{{- define "evalrunner.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "evalrunner.labels" -}}
+app.kubernetes.io/name: evalrunner
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/component: controller
+app.kubernetes.io/part-of: evalrunner
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "evalrunner.selectorLabels" -}}
+app.kubernetes.io/name: evalrunner
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: controller
+{{- end -}}
+
+{{- define "evalrunner.serviceAccountName" -}}
+{{- default (include "evalrunner.fullname" .) .Values.serviceAccount.name -}}
+{{- end -}}
+
+{{- define "evalrunner.adminSecretName" -}}
+{{- default (printf "%s-admin" (include "evalrunner.fullname" .)) .Values.adminToken.existingSecret -}}
+{{- end -}}
+
+{{/* The store service URL as runner pods in any namespace reach it. */}}
+{{- define "evalrunner.storeURL" -}}
+{{- printf "http://%s.%s.svc:%d" (include "evalrunner.fullname" .) .Release.Namespace (int .Values.service.port) -}}
+{{- end -}}
+
+{{/* Rules for the namespaces the controller serves: exactly the verbs the code uses (controller/kube.py, kopf). */}}
+{{- define "evalrunner.namespacedRules" -}}
+- apiGroups: ["evals.workshop.dev"]
+  resources: ["evalruns"]
+  verbs: ["get", "list", "watch"]          # kopf's watch, the reconciler's reads
+- apiGroups: ["evals.workshop.dev"]
+  resources: ["evalruns/status"]
+  verbs: ["patch"]                         # status only: never the spec
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list", "watch", "delete"] # watch runner pods; delete a replaced run's pod
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["get", "create", "delete"]       # one Job per suite attempt; delete a never-started one
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["get", "create"]                 # inline suites; get to adopt its own after a restart
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["create"]                        # the EvalRun's store token; never read back
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create"]                        # Events on EvalRuns
+{{- end -}}
