@@ -57,6 +57,8 @@ API_VERSION = f"{GROUP}/{VERSION}"
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CRD_PATH = REPO_ROOT / "crds" / f"{CRD_NAME}.yaml"
+# The Helm chart ships the same file (Helm installs charts/*/crds/ before templates).
+CHART_CRD_PATH = REPO_ROOT / "charts" / "evalrunner" / "crds" / f"{CRD_NAME}.yaml"
 REGENERATE = "python -m evalrunner.crd --write"
 
 KIND_DESCRIPTION = (
@@ -245,13 +247,15 @@ def render(crd: dict[str, Any] | None = None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m evalrunner.crd", description="Print the EvalRun CRD.")
-    parser.add_argument("--write", action="store_true", help=f"write {CRD_PATH.relative_to(REPO_ROOT)} instead")
+    parser.add_argument("--write", action="store_true",
+                        help=f"write {CRD_PATH.relative_to(REPO_ROOT)} and the chart's copy instead")
     args = parser.parse_args(argv)
     text = render()
     if args.write:
-        CRD_PATH.parent.mkdir(parents=True, exist_ok=True)
-        CRD_PATH.write_text(text)
-        print(f"wrote {CRD_PATH}", file=sys.stderr)
+        for path in (CRD_PATH, CHART_CRD_PATH):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            print(f"wrote {path}", file=sys.stderr)
     else:
         sys.stdout.write(text)
     return 0

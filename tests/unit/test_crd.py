@@ -303,3 +303,9 @@ def test_status_dumps_in_camel_case():
     with pytest.raises(ValidationError):
         EvalRunStatus.model_validate({"conditions": [{"type": "Ready", "status": "Maybe", "reason": "X",
                                                       "lastTransitionTime": "2026-01-01T00:00:00Z"}]})
+
+
+def test_the_chart_ships_the_same_crd():
+    assert crd.CHART_CRD_PATH.read_text() == crd.render(), (
+        f"charts/evalrunner/crds is out of date; regenerate it with: {crd.REGENERATE}"
+    )
