@@ -131,6 +131,10 @@ def test_lint_is_clean_and_render_passes_server_side_dry_run(cluster, helm, kube
                                             "capabilities": {"drop": ["ALL"]}}
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert "--namespace=team-a" in container["args"] and "--namespace=team-b" in container["args"]
+    from evalrunner.cli import build_parser
+
+    assert container["command"] == ["evalrunner"]
+    build_parser().parse_args(container["args"])  # the image's CLI accepts what the chart runs
 
 
 def test_values_schema_refuses_a_second_replica(helm):
