@@ -119,7 +119,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     with open_store(args) as store:
         admin = os.environ.get(args.admin_token_env)
         app = build_app(store, admin_token=admin, sweep_interval_s=args.sweep_interval)
-        log.get().info("service.listening", url=f"http://{args.host}:{args.port}", db=store.path)
+        log.get().info("service.listening", url=f"http://{args.host}:{args.port}", db=store.path,
+                       page=f"http://{args.host}:{args.port}/evals",
+                       terminate="enabled" if admin else f"disabled (set ${args.admin_token_env} to enable)")
         web.run_app(app, host=args.host, port=args.port, print=None, handle_signals=True)
     return EXIT_OK
 
@@ -297,12 +299,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on SIGTERM, wait this long for the controller to record why before writing "
                         "shutdown_requested (default %(default)s)")
 
-    p = add("serve", cmd_serve, "serve the store API for a local database file")
+    p = add("serve", cmd_serve, "serve the /evals page, /metrics and the store API for a local database file")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--admin-token-env", default="EVALRUNNER_ADMIN_TOKEN", metavar="VAR",
-                   help="environment variable holding the admin token (default %(default)s)")
-    p.add_argument("--sweep-interval", type=float, default=5.0, metavar="S")
+                   help="environment variable holding the admin token, which also enables the page's "
+                        "terminate action (default %(default)s)")
+    p.add_argument("--sweep-interval", type=float, default=5.0, metavar="S",
+                   help="seconds between background sweeps for orphaned runs; 0 disables them (default %(default)s)")
 
     p = add("controller", cmd_controller, "run the Kubernetes operator and the store service")
     p.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"),

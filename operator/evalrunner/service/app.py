@@ -1,4 +1,4 @@
-"""aiohttp application: the runner API, health, and shared plumbing.
+"""aiohttp application: the runner API, the /evals page, /metrics, health, and shared plumbing.
 
 The DuckDB store is synchronous and must be written by one thread at a time,
 so every store call goes through one worker thread (`StoreCalls`); handlers
@@ -15,7 +15,8 @@ from aiohttp import web
 
 from .. import log, recovery
 from ..store.duckdb_store import DuckDBStore, utcnow
-from . import api
+from . import api, metrics, page
+from .admin_session import AdminSessions
 from .auth import TokenCheck
 from .context import CALLS, HEALTH, ON_CHANGE, STARTED, STORE, TOKENS, StoreCalls, json_error
 
@@ -46,8 +47,15 @@ def build_app(
     liveness: recovery.LivenessCheck | None = None,
     health: Callable[[], tuple[bool, dict]] | None = None,
     on_change: Callable[[str | None], None] | None = None,
+    heartbeat_timeout_s: float = recovery.DEFAULT_HEARTBEAT_TIMEOUT_S,
 ) -> web.Application:
-    """The service app. With `sweep_interval_s`, orphans are swept in the background too."""
+    """The service app. With `sweep_interval_s`, orphans are swept in the background too.
+
+    The same app serves the /evals page and /metrics, so `evalrunner serve`
+    and the controller both show them. `admin_token` also enables the page's
+    terminate action (through a login); without it the page is read-only.
+    `heartbeat_timeout_s` is the lease the page and /metrics judge stuck runs by.
+    """
     app = web.Application(client_max_size=max_body_bytes, middlewares=[errors_as_json])
     calls = StoreCalls()
     app[STORE] = store
@@ -58,6 +66,11 @@ def build_app(
     app[ON_CHANGE] = on_change or (lambda scope: None)
     app.router.add_get("/healthz", healthz)
     api.add_routes(app)
+    page_liveness = liveness or (lambda owner: recovery.local_liveness(owner))
+    page.add_routes(app, page.PageSettings(AdminSessions(admin_token), page_liveness, heartbeat_timeout_s))
+    app_metrics = metrics.Metrics(page_liveness, heartbeat_timeout_s)
+    store.transaction_observer = app_metrics.writes.observe
+    metrics.add_routes(app, app_metrics)
 
     async def stop_calls(_app: web.Application) -> None:
         calls.shutdown()

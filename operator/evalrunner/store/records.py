@@ -107,6 +107,43 @@ class SaveReport:
     fenced: bool = False  # the run row is no longer running: stop writing
 
 
+@dataclass(frozen=True)
+class CaseTally:
+    """A run's case verdicts counted from its case rows (a running run has no totals yet)."""
+
+    passed: int = 0
+    failed: int = 0
+    errored: int = 0
+    running: int = 0
+
+
+@dataclass(frozen=True)
+class HistogramCounts:
+    """One histogram series: cumulative (upper bound, count) pairs, then count and sum of all values."""
+
+    buckets: tuple[tuple[float, int], ...]
+    count: int
+    sum: float
+
+
+@dataclass(frozen=True)
+class HeartbeatAge:
+    run_id: str
+    suite: str
+    age_s: float | None
+
+
+@dataclass(frozen=True)
+class MetricsSnapshot:
+    """What /metrics reads from the database (the process-local write metrics are kept elsewhere)."""
+
+    runs_by_status: dict[str, int]
+    terminations: dict[tuple[str, str], int]  # (cause, terminated_by) -> failed runs
+    detection_delay: dict[str, HistogramCounts]  # detector -> seconds from last heartbeat to termination
+    case_duration: dict[str, HistogramCounts]  # case status -> seconds
+    heartbeat_ages: list[HeartbeatAge]
+
+
 def case_row_id(run_id: str, case_name: str) -> str:
     return f"{run_id}/{case_name}"
 
