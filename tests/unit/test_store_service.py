@@ -7,20 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
-from aiohttp import web
+from service_support import ServiceThread
 
 from evalrunner.admission import RunRefused
 from evalrunner.faults import Faults
 from evalrunner.models import RunStatus
 from evalrunner.owner import this_process
 from evalrunner.runner import RunOptions, run_suite
-from evalrunner.service import build_app
 from evalrunner.service.auth import new_token, scope_of
 from evalrunner.store import DuckDBStore, RunRequest
 from evalrunner.store.http_client import HttpStore, StoreServiceError
@@ -30,51 +28,23 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "suites"
 ADMIN = "admin-token-for-tests"
 
 
-class Service:
-    """The aiohttp app on its own loop in a thread, like a separate process but inspectable."""
-
-    def __init__(self, store: DuckDBStore, max_body_bytes: int = 1024 * 1024):
-        self.store = store
-        self.loop = asyncio.new_event_loop()
-        self.app = build_app(store, admin_token=ADMIN, max_body_bytes=max_body_bytes)
-        ready = threading.Event()
-
-        def serve():
-            asyncio.set_event_loop(self.loop)
-            self.runner = web.AppRunner(self.app)
-            self.loop.run_until_complete(self.runner.setup())
-            site = web.TCPSite(self.runner, "127.0.0.1", 0)
-            self.loop.run_until_complete(site.start())
-            self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
-            ready.set()
-            self.loop.run_forever()
-
-        self.thread = threading.Thread(target=serve, daemon=True)
-        self.thread.start()
-        ready.wait(10)
-
-    def stop(self):
-        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-
-
 @pytest.fixture
 def service(tmp_path):
     store = DuckDBStore.open(tmp_path / "service.duckdb", faults=Faults(""))
-    svc = Service(store)
+    svc = ServiceThread(store, ADMIN, max_body_bytes=1024 * 1024)
+    svc.url = svc.origin
     yield svc
     svc.stop()
     store.close()
 
 
-def token_for(service: Service, name: str) -> tuple[str, str]:
+def token_for(service: ServiceThread, name: str) -> tuple[str, str]:
     token, scope = new_token(), scope_of("team-a", name, f"uid-{name}")
     service.store.register_token(scope, token)
     return token, scope
 
 
-def raw(service: Service, method: str, path: str, body: bytes | None = None, token: str | None = None):
+def raw(service: ServiceThread, method: str, path: str, body: bytes | None = None, token: str | None = None):
     req = urllib.request.Request(f"{service.url}{path}", data=body, method=method)
     req.add_header("Content-Type", "application/json")
     if token:
