@@ -6,6 +6,7 @@ import ast
 import asyncio
 import json
 import operator
+import os
 import time
 
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
@@ -51,6 +52,32 @@ def flaky(prompt: str) -> str:
 
 
 def noop(_input):
+    return "ok"
+
+
+_held: list[bytes] = []
+
+
+def hog(mb) -> str:
+    """Allocate `mb` megabytes, touch every page and hold them: drives a runner over its memory limit.
+
+    0 returns at once. Otherwise it waits half a second first, so the results
+    of the cases before it reach the store before the kernel kills the process.
+    """
+    if float(mb) > 0:
+        time.sleep(0.5)
+        _held.append(b"\x01" * int(float(mb) * 2**20))  # bytes(n) would leave the pages untouched
+    return "ok"
+
+
+def crash(code) -> str:
+    """Exit the whole process at once with `code` (no cleanup, no final write); 0 returns "ok".
+
+    Like `hog`, it waits half a second first so earlier results are stored.
+    """
+    if int(code) != 0:
+        time.sleep(0.5)
+        os._exit(int(code))
     return "ok"
 
 

@@ -2,7 +2,9 @@
 
 Set `EVALRUNNER_FAULTS` to a comma-separated list of `point=key` to make a
 store write fail with DuckDB's own `IOException`, exactly where a real
-locked or full database would fail it. Points:
+locked or full database would fail it. DuckDBStore checks them in the
+process that holds the file; HttpStore checks `suite_status_write` in the
+runner pod, which reports over HTTP. Points:
 
 - `case_save=<case name>`: saving that case's row (runbook case 1)
 - `suite_status_write=*`: the run's final status write (runbook case 2)

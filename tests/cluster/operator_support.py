@@ -143,8 +143,8 @@ class ControllerProcess:
 
     def wait_terminal(self, run_id: str, timeout: float = 30) -> tuple[dict, float]:
         """The run's row once it is no longer running, and the monotonic time it was first seen so."""
-        row = wait_for(f"run {run_id} to terminate",
-                       lambda: (r := self.run(run_id)) and r["status"] != "running" and r, timeout=timeout, interval=0.05)
+        row = wait_for(f"run {run_id} to terminate", lambda: (r := self.run(run_id)) and r["status"] != "running" and r,
+                       timeout=timeout, interval=0.05)
         return row, time.monotonic()
 
 
@@ -193,7 +193,8 @@ class EvalRuns:
 
     def any_pod(self, name: str, suite: str, attempt: int = 1, timeout: float = 60) -> Any:
         """The pod of a suite attempt once it exists, in whatever phase (for runners that die fast)."""
-        selector = f"evals.workshop.dev/evalrun={name},evals.workshop.dev/suite={suite},evals.workshop.dev/attempt={attempt}"
+        selector = (f"evals.workshop.dev/evalrun={name},evals.workshop.dev/suite={suite},"
+                    f"evals.workshop.dev/attempt={attempt}")
         return wait_for(f"a pod of suite {suite} attempt {attempt}",
                         lambda: next(iter(self.core.list_namespaced_pod(self.namespace, label_selector=selector).items),
                                      None), timeout=timeout, interval=0.05)

@@ -18,11 +18,12 @@ from evalrunner.admission import RunRefused
 from evalrunner.faults import Faults
 from evalrunner.models import RunStatus
 from evalrunner.owner import this_process
-from evalrunner.runner import RunOptions, run_suite
+from evalrunner.runner import RunOptions, StatusWriteFailed, run_suite
 from evalrunner.service.auth import new_token, scope_of
 from evalrunner.store import DuckDBStore, RunRequest
 from evalrunner.store.http_client import HttpStore, StoreServiceError
 from evalrunner.suites import load_suite
+from evalrunner.summary import RunSummary
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "suites"
 ADMIN = "admin-token-for-tests"
@@ -146,3 +147,20 @@ def test_oversized_and_malformed_bodies_get_clear_errors_and_lose_nothing(servic
     assert service.store.get_run(run.id).status == "running"
     status, body = raw(service, "GET", "/healthz")
     assert status == 200 and body["ok"]
+
+
+def test_runner_final_write_fault_leaves_the_summary_and_the_row_running(service):
+    """EVALRUNNER_FAULTS in a runner pod fails its own final write (runbook case 2), not the service's."""
+    token, _ = token_for(service, "case2")
+    suite = load_suite(EXAMPLES / "smoke.yaml")
+    kept: list[RunSummary] = []
+    client = HttpStore(service.url, token, faults=Faults("suite_status_write=*"))
+    options = RunOptions(handle_signals=False, search_path=(str(EXAMPLES),),
+                         keep_summary=lambda s: kept.append(s) or "memory")
+    with pytest.raises(StatusWriteFailed):
+        asyncio.run(run_suite(suite, client, options))
+
+    assert len(kept) == 1 and kept[0].status == "completed" and "injected fault" in kept[0].write_error
+    row = service.store.get_run(kept[0].run_id)
+    assert row.status == "running"  # left for the controller to complete from the summary
+    assert {c.status for c in service.store.cases(row.id)} == {"completed"}

@@ -93,17 +93,23 @@ async def _serve(options: ControllerOptions, store: DuckDBStore, reconciler: Rec
     # On start, every running row is reconciled against the pods that exist, before any new work.
     await asyncio.to_thread(_sweep, reconciler, health, logger)
     namespaces = list(options.namespaces)
+    ready = asyncio.Event()
     operator = asyncio.create_task(kopf.operator(
         namespaces=namespaces, clusterwide=not namespaces, standalone=True,
-        memo=kopf.Memo(reconciler=reconciler, health=health), stop_flag=stop,
+        memo=kopf.Memo(reconciler=reconciler, health=health), stop_flag=stop, ready_flag=ready,
     ))
     scanner = asyncio.create_task(_scan_loop(reconciler, health, options, stop, logger))
     refresher = asyncio.create_task(_refresh_loop(reconciler, stop, logger))
-    stopped = asyncio.create_task(stop.wait())
+    stopped, started = asyncio.create_task(stop.wait()), asyncio.create_task(ready.wait())
     try:
-        # Once started, kopf installs its own SIGTERM/SIGINT handlers in place of ours and stops
-        # on a signal without setting `stop`: so the operator task ending is a stop too (and a
-        # kopf that died must not leave a process that serves the store but watches nothing).
+        await asyncio.wait({operator, stopped, started}, return_when=asyncio.FIRST_COMPLETED)
+        if ready.is_set() and not stop.is_set():
+            # Starting, kopf put its own SIGTERM/SIGINT handlers in place of ours: they stop kopf
+            # alone, which then waits 5 s for our loops as "hung" tasks. Take the signals back.
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+        # The operator task ending is a stop too: a kopf that died must not leave a process
+        # that serves the store but watches nothing.
         await asyncio.wait({operator, stopped}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         logger.info("controller.stopping")
@@ -111,7 +117,8 @@ async def _serve(options: ControllerOptions, store: DuckDBStore, reconciler: Rec
         await asyncio.wait_for(asyncio.gather(operator, return_exceptions=True), timeout=15)
         scanner.cancel()
         refresher.cancel()
-        await asyncio.gather(scanner, refresher, stopped, return_exceptions=True)
+        started.cancel()
+        await asyncio.gather(scanner, refresher, stopped, started, return_exceptions=True)
         await runner.cleanup()
     if not operator.cancelled() and (error := operator.exception()) is not None:
         raise error

@@ -283,6 +283,8 @@ class Reconciler:
                 return False
             closed = self.store.record_failed_start(
                 self._request_for(evalrun, pod, run_id), death.cause.value, death.reason, TERMINATED_BY)
+            if closed is not None:
+                recovery._log_terminated(closed, TERMINATED_BY)
             if death.cause is Cause.NEVER_STARTED:
                 job_name = (pod["metadata"].get("labels") or {}).get("job-name")
                 if job_name:
@@ -332,31 +334,38 @@ class Reconciler:
             if self.settings.namespaces and run.owner and run.owner.kind == "pod" \
                     and run.owner.namespace not in self.settings.namespaces:
                 continue  # another controller's (or nobody's) business
-            verdict = self._row_verdict(run, now)
-            if verdict is None:
+            death = self._row_verdict(run, now)
+            if death is None:
                 continue
-            cause, reason = verdict
-            row = recovery.terminate_for_owner_death(self.store, run.id, cause, reason, "sweeper")
+            row = recovery.terminate_for_owner_death(self.store, run.id, death.cause, death.reason, "sweeper",
+                                                     death.summary)
             if row is not None:
                 closed.append(row)
                 self._after_sweep(run, row)
         return closed
 
-    def _row_verdict(self, run: RunRow, now: datetime) -> tuple[Cause, str] | None:
+    def _row_verdict(self, run: RunRow, now: datetime) -> Death | None:
         owner = run.owner
         if owner is None or owner.kind != "pod":
             orphan = recovery.classify_orphan(run, now, recovery.local_liveness, self.settings.heartbeat_timeout_s)
-            return (orphan.cause, orphan.reason) if orphan else None
+            return Death(orphan.cause, orphan.reason, terminal=True) if orphan else None
         pod = self.kube.get_pod(owner.namespace, owner.pod) if owner.namespace and owner.pod else None
         if pod is None or (owner.pod_uid and pod["metadata"].get("uid") != owner.pod_uid):
-            return Cause.POD_DELETED, f"pod {owner.namespace}/{owner.pod} no longer exists"
+            return Death(Cause.POD_DELETED, f"pod {owner.namespace}/{owner.pod} no longer exists", terminal=True)
+        # The pod exists: judge it as its watch event would. A pod that died while no controller
+        # watched (a restart) must not wait for a watch event or the heartbeat lease, since a
+        # concurrency policy's admission sweeps first and a stale row must never block it.
+        if (death := self._classify(pod, deleted=False)) is not None:
+            return death
         if run.deadline_at is not None and now > run.deadline_at:
-            return Cause.DEADLINE_EXCEEDED, f"still running past its deadline {run.deadline_at.isoformat()}"
+            return Death(Cause.DEADLINE_EXCEEDED, f"still running past its deadline {run.deadline_at.isoformat()}",
+                         terminal=True)
         pod_live = (pod.get("status") or {}).get("phase") in ("Pending", "Running") and \
             not pod["metadata"].get("deletionTimestamp")
         lapsed = run.heartbeat_at is not None and now - run.heartbeat_at > timedelta(seconds=self.settings.heartbeat_timeout_s)
         if lapsed and not pod_live:
-            return Cause.HEARTBEAT_LOST, f"no heartbeat for {(now - run.heartbeat_at).total_seconds():.0f}s and no live pod"
+            age = (now - run.heartbeat_at).total_seconds()
+            return Death(Cause.HEARTBEAT_LOST, f"no heartbeat for {age:.0f}s and no live pod", terminal=True)
         return None
 
     def _after_sweep(self, run: RunRow, closed: RunRow) -> None:
@@ -365,8 +374,10 @@ class Reconciler:
         ns, name, _uid = (run.scope.split("/") + ["", "", ""])[:3]
         evalrun = self.kube.get_evalrun(ns, name)
         if evalrun is not None:
-            self.kube.post_event(evalrun, "Warning", "RunTerminated",
-                                 f"run {run.id} failed: {closed.cause}: {closed.error}")
+            how = " (from the runner's summary)" if closed.terminated_by and "summary" in closed.terminated_by else ""
+            self.kube.post_event(evalrun, "Warning" if closed.status == RunStatus.FAILED.value else "Normal",
+                                 "RunTerminated",
+                                 f"run {run.id} {closed.status}{how}: {closed.cause or ''} {closed.error}".strip())
             self.mark_dirty(ns, name)
 
 

@@ -16,6 +16,7 @@ import urllib.request
 from typing import Any, Sequence
 
 from .. import admission
+from ..faults import Faults
 from ..models import Cause, RunStatus
 from . import wire
 from .duckdb_store import new_run_id, utcnow
@@ -32,12 +33,16 @@ class StoreServiceError(StoreError):
 
 
 class HttpStore:
-    def __init__(self, base_url: str, token: str | None, timeout_s: float = 10.0, retry_for_s: float = 20.0):
+    def __init__(self, base_url: str, token: str | None, timeout_s: float = 10.0, retry_for_s: float = 20.0,
+                 faults: Faults | None = None):
         self.base_url = base_url.rstrip("/")
         self.path = self.base_url  # for messages; there is no local file
         self.token = token
         self.timeout_s = timeout_s
         self.retry_for_s = retry_for_s
+        # The runner's own writes fail here under EVALRUNNER_FAULTS, as DuckDBStore's do locally
+        # (the service's process does not see the runner pod's environment).
+        self.faults = faults if faults is not None else Faults.from_env()
 
     # ------------------------------------------------------------ RunStore
 
@@ -77,6 +82,7 @@ class HttpStore:
         unsaved_cases: dict[str, str] | None = None,
         terminated_by: str = "runner",
     ) -> RunRow | None:
+        self.faults.check("suite_status_write")
         body = {"status": status.value, "cause": cause, "error": error, "unsaved_cases": unsaved_cases or {}}
         data = self._call("POST", f"/runs/{run_id}/finish", body)
         return wire.run_row_from_json(data["run"]) if data.get("applied") else None
