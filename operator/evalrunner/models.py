@@ -418,7 +418,7 @@ class EvalRunSuite(Frozen):
     )
     concurrency_policy: LockPolicy | None = Field(
         default=None,
-        description="What a new run of this suite does while another run of it is live: Allow, Forbid or "
+        description="What a new run of this suite does while another run of it is live in this namespace: Allow, Forbid or "
         "Replace. Default: the EvalRun's concurrencyPolicy.",
     )
 
@@ -497,7 +497,7 @@ class EvalRunSpec(Frozen):
     concurrency_policy: LockPolicy = Field(
         default=LockPolicy.FORBID,
         description="Default for the suites' concurrencyPolicy: what a new run of a suite does while another "
-        "run of it is live (Allow: run side by side; Forbid: refuse; Replace: terminate the live run). "
+        "run of it is live in this namespace (Allow: run side by side; Forbid: refuse; Replace: terminate the live run). "
         "Default: Forbid.",
     )
     resources: Resources | None = Field(default=None, description="Compute resources of each runner pod.")

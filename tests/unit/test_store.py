@@ -261,3 +261,17 @@ def test_owner_liveness_tells_a_reused_pid_from_the_owner():
     assert local_liveness(Owner(kind="process", host=socket.gethostname(), pid=gone.pid, process_started_at=time.time())) == "dead"
     assert local_liveness(Owner(kind="process", host="some-other-host", pid=1)) == "unknown"
     assert local_liveness(Owner(kind="pod", namespace="ns", pod="p")) == "unknown"
+
+
+def test_suite_locks_apply_per_namespace(store):
+    """The same suite name in two namespaces is two suites; in one namespace the policy applies."""
+    from evalrunner.admission import RunRefused
+
+    def start(scope):
+        return store.start_run(request(suite="smoke", scope=scope)).run
+
+    start("team-a/nightly/uid-1")
+    start("team-b/nightly/uid-2")  # another namespace: no collision
+    start(None)  # a local run: no collision either
+    with pytest.raises(RunRefused):
+        start("team-a/other/uid-3")

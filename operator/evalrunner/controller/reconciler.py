@@ -29,7 +29,7 @@ from .. import log, recovery
 from ..models import Cause, EvalRunSpec, EvalRunSuite, LockPolicy, RunStatus
 from ..owner import Owner
 from ..service.auth import new_token, scope_of
-from ..store.duckdb_store import DuckDBStore, utcnow
+from ..store.duckdb_store import DuckDBStore, lock_domain, utcnow
 from ..store.records import RunRequest, RunRow
 from . import builders, status
 from .classify import Death, classify_pod_death
@@ -138,7 +138,8 @@ class Reconciler:
         meta = evalrun["metadata"]
         self.sweep()
         scope = scope_of(meta["namespace"], meta["name"], meta["uid"])
-        live = [r for r in self.store.running_runs() if r.suite == suite.name and r.scope != scope]
+        live = [r for r in self.store.running_runs()
+                if r.suite == suite.name and r.scope != scope and lock_domain(r.scope) == lock_domain(scope)]
         policy = builders.lock_policy_for(evalrun, suite)
         if not live or policy is LockPolicy.ALLOW:
             return True

@@ -211,7 +211,8 @@ class DuckDBStore:
                 existing = self._select_runs(cur, "WHERE id = ?", [request.run_id])
                 if existing:
                     return self._replayed_start(existing[0], request)
-            live = self._select_runs(cur, "WHERE suite = ? AND status = 'running'", [request.suite])
+            live = [r for r in self._select_runs(cur, "WHERE suite = ? AND status = 'running'", [request.suite])
+                    if lock_domain(r.scope) == lock_domain(request.scope)]
             decision = admission.decide(request.lock_policy, [r.id for r in live])
             if not decision.admit:
                 raise admission.RunRefused(
@@ -644,6 +645,14 @@ class DuckDBStore:
 class RunIdTaken(errors.StoreError):
     def __init__(self, run_id: str):
         super().__init__(f"run id {run_id} already exists and belongs to another owner")
+
+
+def lock_domain(scope: str | None) -> str | None:
+    """Where a suite's lock policy applies: per namespace in a cluster, and among local runs.
+
+    Two teams' suites named `smoke` in different namespaces are different suites.
+    """
+    return scope.split("/", 1)[0] if scope else None
 
 
 def _sha256(token: str) -> str:
