@@ -185,8 +185,11 @@ def controller(cluster, evalrun_crd, namespace, tmp_path):
     proc = ControllerProcess(cluster.kubeconfig, namespace, tmp_path).start()
     yield proc
     proc.stop()
-    if os.environ.get("EVALRUNNER_SHOW_CONTROLLER_LOG"):
-        print(proc.logs())
+    # Shown by pytest only when the test failed: the controller's errors, or all of it on request.
+    lines = proc.logs().splitlines()
+    shown = lines if os.environ.get("EVALRUNNER_SHOW_CONTROLLER_LOG") else [
+        line for line in lines if '"level": "error"' in line or "Traceback" in line or "Error" in line]
+    print("\n".join(shown[-60:]))
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ def test_two_suites_reach_succeeded_and_rows_status_and_events_agree(controller,
     by_name = {s["name"]: s for s in status["suites"]}
     smoke, slow = by_name["smoke"], by_name["slow"]
     assert (smoke["passed"], smoke["failed"], smoke["errored"]) == (2, 1, 0)
-    assert (slow["passed"], slow["failed"], slow["errored"]) == (3, 0, 0)
+    assert (slow["passed"], slow["failed"], slow["errored"]) == (3, 0, 0), controller.cases(slow["runId"])
     assert (status["passed"], status["failed"], status["errored"]) == (5, 1, 0)
 
     for suite in (smoke, slow):

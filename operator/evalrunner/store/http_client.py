@@ -23,7 +23,9 @@ from .duckdb_store import new_run_id, utcnow
 from .errors import StoreError
 from .records import Admission, CaseEvent, RunRequest, RunRow, SaveReport
 
-RETRYABLE_STATUS = {502, 503, 504}
+# Every call is idempotent, so a server-side failure (a transient DuckDB
+# conflict, a restarting controller behind its Service) is retried too.
+RETRYABLE_STATUS = {500, 502, 503, 504}
 
 
 class StoreServiceError(StoreError):
