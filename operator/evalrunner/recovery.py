@@ -90,7 +90,7 @@ def close_orphan(store: RunStore, orphan: Orphan, terminated_by: str, db_path: s
         return closed
     closed = store.terminate_run(orphan.run.id, orphan.cause, orphan.reason, terminated_by)
     if closed is not None:
-        _log_terminated(closed, terminated_by)
+        log_terminated(closed, terminated_by)
     return closed
 
 
@@ -105,12 +105,12 @@ def apply_summary(store: RunStore, spooled: summary.RunSummary, terminated_by: s
     if spooled.status == RunStatus.COMPLETED.value:
         closed = store.finish_run(spooled.run_id, RunStatus.COMPLETED, None, note, terminated_by=by)
         if closed is not None:
-            _log_terminated(closed, by)
+            log_terminated(closed, by)
         return closed
     error = f"{spooled.error or 'run failed'}; {note}"
     closed = store.terminate_run(spooled.run_id, spooled.cause or Cause.STATUS_WRITE_FAILED.value, error, by)
     if closed is not None:
-        _log_terminated(closed, by)
+        log_terminated(closed, by)
     return closed
 
 
@@ -132,7 +132,7 @@ def terminate_for_owner_death(
         return apply_summary(store, runner_summary, terminated_by)
     closed = store.terminate_run(run_id, cause, reason, terminated_by)
     if closed is not None:
-        _log_terminated(closed, terminated_by)
+        log_terminated(closed, terminated_by)
     return closed
 
 
@@ -156,7 +156,7 @@ def recover_run(store: RunStore, run: RunRow, reason: str | None, force: bool = 
     error = f"Manual recovery: {reason}" if reason else "Manual recovery"
     closed = store.terminate_run(run.id, Cause.MANUAL, error, "manual")
     if closed is not None:
-        _log_terminated(closed, "manual")
+        log_terminated(closed, "manual")
     return closed
 
 
@@ -172,7 +172,7 @@ def signal_replaced_owner(run: RunRow) -> bool:
         return False
 
 
-def _log_terminated(run: RunRow, terminated_by: str) -> None:
+def log_terminated(run: RunRow, terminated_by: str) -> None:
     log.get(run_id=run.id, suite=run.suite).warning(
         log.RUN_TERMINATED,
         status=run.status,

@@ -154,7 +154,7 @@ class Reconciler:
             closed = self.store.terminate_run(run.id, Cause.REPLACED, f"replaced by EvalRun {meta['namespace']}/{meta['name']}",
                                               TERMINATED_BY)
             if closed is not None:
-                recovery._log_terminated(closed, TERMINATED_BY)
+                recovery.log_terminated(closed, TERMINATED_BY)
             if run.owner and run.owner.kind == "pod" and run.owner.namespace and run.owner.pod:
                 self.kube.delete_pod(run.owner.namespace, run.owner.pod)
         self.kube.post_event(evalrun, "Normal", "Replaced", f"suite {suite.name}: replaced live run(s) {ids}")
@@ -285,7 +285,7 @@ class Reconciler:
             closed = self.store.record_failed_start(
                 self._request_for(evalrun, pod, run_id), death.cause.value, death.reason, TERMINATED_BY)
             if closed is not None:
-                recovery._log_terminated(closed, TERMINATED_BY)
+                recovery.log_terminated(closed, TERMINATED_BY)
             if death.cause is Cause.NEVER_STARTED:
                 job_name = (pod["metadata"].get("labels") or {}).get("job-name")
                 if job_name:
