@@ -12,7 +12,7 @@ import pytest
 from evalrunner.faults import Faults
 from evalrunner.runner import RunOptions, StatusWriteFailed, run_suite
 from evalrunner.store import DuckDBStore
-from evalrunner.suites import parse_suite
+from evalrunner.suites import parse_suite, suite_from_data
 from evalrunner.summary import spooler
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "suites"
@@ -186,3 +186,14 @@ def test_persistence_can_be_switched_off_for_benchmarks(store, targets_module):
     result = run(suite, store, persist=False)
     assert result.run.status == "completed"
     assert store.cases(result.run.id) == []
+
+
+def test_every_case_of_a_large_fast_suite_is_stored(store, tmp_path):
+    """Regression: closing the recorder used to cancel an in-flight batch, losing every case of a fast suite."""
+    (tmp_path / "fast_targets.py").write_text("async def noop(x):\n    return 'ok'\n")
+    cases = [{"id": f"c{i:05d}", "input": i, "expected": "ok"} for i in range(5000)]
+    suite = suite_from_data({"name": "fast", "timeout_seconds": 5, "concurrency": 64,
+                             "target": {"python": {"callable": "fast_targets:noop"}}, "cases": cases})
+    result = run(suite, store, search_path=(str(tmp_path),))
+    assert result.run.passed == 5000
+    assert len(store.cases(result.run.id)) == 5000

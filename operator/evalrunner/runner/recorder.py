@@ -11,6 +11,7 @@ written: nothing durable was ever `running` in between.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
 
@@ -62,7 +63,7 @@ class CaseRecorder:
         self.fenced = False
         self._on_fenced = on_fenced
         self._pending: list[CaseEvent] = []
-        self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._log = log.get(run_id=run_id, suite=suite)
 
@@ -76,9 +77,15 @@ class CaseRecorder:
             self._tasks.append(asyncio.create_task(self._heartbeat_loop(), name="heartbeat"))
 
     async def close(self) -> None:
-        """Stop the loops and commit whatever is still queued."""
+        """Stop the loops and commit whatever is still queued.
+
+        The flush loop is asked to stop, never cancelled: cancelling it while its
+        batch waits for the store thread would drop that batch.
+        """
+        self._stop.set()
         for task in self._tasks:
-            task.cancel()
+            if task.get_name() != "flush":
+                task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.flush()
 
@@ -87,7 +94,8 @@ class CaseRecorder:
             return
         batch, self._pending = self._pending, []
         try:
-            report = await self.worker.call(self.worker.store.save_cases, batch)
+            # Shielded: once a batch is taken, it is written even if our caller is cancelled.
+            report = await asyncio.shield(self.worker.call(self.worker.store.save_cases, batch))
         except Exception as exc:  # the store itself is unreachable: every row in the batch is unsaved
             report = None
             failures = {ev.row_id: f"{type(exc).__name__}: {exc}" for ev in batch}
@@ -107,8 +115,9 @@ class CaseRecorder:
                     self.unsaved.pop(ev.row_id, None)
 
     async def _flush_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.flush_interval_s)
+        while not self._stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=self.flush_interval_s)
             await self.flush()
 
     async def _heartbeat_loop(self) -> None:
