@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import duckdb
-import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples" / "suites"

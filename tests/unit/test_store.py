@@ -6,12 +6,10 @@ import os
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 from datetime import timedelta
 
 import duckdb
-import psutil
 import pytest
 
 from evalrunner.models import Cause, RunStatus

@@ -347,7 +347,6 @@ async def terminate(request: web.Request) -> web.Response:
 
 
 def render_runs(view: RunsView) -> Safe:
-    f = view.filters
     parts = [Safe("<h1>Runs</h1>")]
     if view.stuck_runs:
         items = join(

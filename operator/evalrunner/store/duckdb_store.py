@@ -26,7 +26,7 @@ import duckdb
 
 from .. import admission
 from ..faults import Faults
-from ..models import Cause, LockPolicy, RunStatus
+from ..models import Cause, RunStatus
 from ..owner import Owner
 from . import errors
 from .records import (
@@ -40,7 +40,6 @@ from .records import (
     RunRequest,
     RunRow,
     SaveReport,
-    case_row_id,
 )
 from .schema import CURRENT_VERSION, MIGRATIONS
 
