@@ -296,7 +296,7 @@ class Reconciler:
             how = " (from the runner's summary)" if closed.terminated_by and "summary" in closed.terminated_by else ""
             self.kube.post_event(
                 evalrun, "Warning" if closed.status == RunStatus.FAILED.value else "Normal", "RunTerminated",
-                f"run {run_id} {closed.status}{how}: {closed.cause or ''} {death.reason}".strip())
+                f"run {run_id} {closed.status}{how}: " + " ".join(filter(None, (closed.cause, death.reason))))
         return True
 
     def _request_for(self, evalrun: dict[str, Any], pod: dict[str, Any], run_id: str) -> RunRequest:
