@@ -12,32 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, TypeVar
+from typing import Callable
 
 from .. import log
-from ..store.protocol import RunStore
 from ..store.records import CaseEvent
-
-T = TypeVar("T")
+from ..store.thread import StoreThread
 
 DEFAULT_FLUSH_INTERVAL_S = 0.05
 DEFAULT_HEARTBEAT_INTERVAL_S = 5.0
-
-
-class StoreThread:
-    """Runs every store call on one thread, so a DuckDB cursor is never shared."""
-
-    def __init__(self, store: RunStore):
-        self.store = store
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="evalrunner-store")
-
-    async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
-
-    def shutdown(self) -> None:
-        self._pool.shutdown(wait=True)
 
 
 class CaseRecorder:

@@ -25,7 +25,8 @@ from ..store.protocol import RunStore
 from ..store.records import CaseEvent, RunRequest, RunRow, case_row_id, clip_output
 from ..targets import build_target
 from .case import CaseOutcome, execute_case
-from .recorder import DEFAULT_FLUSH_INTERVAL_S, DEFAULT_HEARTBEAT_INTERVAL_S, CaseRecorder, StoreThread
+from ..store.thread import StoreThread
+from .recorder import DEFAULT_FLUSH_INTERVAL_S, DEFAULT_HEARTBEAT_INTERVAL_S, CaseRecorder
 from .signals import shutdown_signals
 
 DEFAULT_DEADLINE_GRACE_S = 60.0

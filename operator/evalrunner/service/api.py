@@ -17,7 +17,8 @@ from ..store import wire
 from ..store.duckdb_store import RunIdTaken
 from ..store.records import RunRow
 from .auth import Caller
-from .context import CALLS, ON_CHANGE, STORE, TOKENS, StoreCalls, http_error
+from ..store.thread import StoreThread
+from .context import CALLS, ON_CHANGE, STORE, TOKENS, http_error
 
 MAX_EVENTS_PER_BATCH = 10_000
 
@@ -34,7 +35,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post(f"{p}/runs/{{run_id}}/finish", finish_run)
 
 
-def _ctx(request: web.Request) -> tuple[Any, StoreCalls]:
+def _ctx(request: web.Request) -> tuple[Any, StoreThread]:
     return request.app[STORE], request.app[CALLS]
 
 

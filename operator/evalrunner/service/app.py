@@ -1,7 +1,7 @@
 """aiohttp application: the runner API, the /evals page, /metrics, health, and shared plumbing.
 
 The DuckDB store is synchronous and must be written by one thread at a time,
-so every store call goes through one worker thread (`StoreCalls`); handlers
+so every store call goes through one worker thread (`StoreThread`); handlers
 stay thin and the event loop never blocks on the file.
 """
 
@@ -18,7 +18,8 @@ from ..store.duckdb_store import DuckDBStore, utcnow
 from . import api, metrics, page
 from .admin_session import AdminSessions
 from .auth import TokenCheck
-from .context import CALLS, HEALTH, ON_CHANGE, STARTED, STORE, TOKENS, StoreCalls, json_error
+from ..store.thread import StoreThread
+from .context import CALLS, HEALTH, ON_CHANGE, STARTED, STORE, TOKENS, json_error
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 
@@ -57,7 +58,7 @@ def build_app(
     `heartbeat_timeout_s` is the lease the page and /metrics judge stuck runs by.
     """
     app = web.Application(client_max_size=max_body_bytes, middlewares=[errors_as_json])
-    calls = StoreCalls()
+    calls = StoreThread(name="store-service")
     app[STORE] = store
     app[CALLS] = calls
     app[TOKENS] = TokenCheck(store.scope_for_token, admin_token)
@@ -81,7 +82,7 @@ def build_app(
     return app
 
 
-def _sweeper(store: DuckDBStore, calls: StoreCalls, interval_s: float, liveness: recovery.LivenessCheck | None):
+def _sweeper(store: DuckDBStore, calls: StoreThread, interval_s: float, liveness: recovery.LivenessCheck | None):
     async def sweep_forever() -> None:
         while True:
             try:

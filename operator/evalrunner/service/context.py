@@ -2,34 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, TypeVar
+from typing import Any
 
 from aiohttp import web
 
 from ..store.duckdb_store import DuckDBStore
+from ..store.thread import StoreThread
 from .auth import TokenCheck
 
-T = TypeVar("T")
-
-
-class StoreCalls:
-    """Runs store calls on one thread: DuckDB cursors are per thread, and the loop must not block."""
-
-    def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-service")
-
-    async def __call__(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, lambda: fn(*args))
-
-    def shutdown(self) -> None:
-        self._pool.shutdown(wait=True)
-
-
 STORE = web.AppKey("store", DuckDBStore)
-CALLS = web.AppKey("calls", StoreCalls)
+CALLS = web.AppKey("calls", StoreThread)  # every store call goes through it
 TOKENS = web.AppKey("tokens", TokenCheck)
 STARTED = web.AppKey("started", float)
 HEALTH = web.AppKey("health", object)
