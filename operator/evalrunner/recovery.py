@@ -84,13 +84,9 @@ def sweep(
 def close_orphan(store: RunStore, orphan: Orphan, terminated_by: str, db_path: str | None = None) -> RunRow | None:
     """Close one orphan, preferring the runner's own spooled summary when it left one."""
     spooled = summary.read_spooled(db_path, orphan.run.id) if db_path else None
+    closed = terminate_for_owner_death(store, orphan.run.id, orphan.cause, orphan.reason, terminated_by, spooled)
     if spooled is not None:
-        closed = apply_summary(store, spooled, terminated_by)
         summary.discard_spooled(db_path, orphan.run.id)  # type: ignore[arg-type]
-        return closed
-    closed = store.terminate_run(orphan.run.id, orphan.cause, orphan.reason, terminated_by)
-    if closed is not None:
-        log_terminated(closed, terminated_by)
     return closed
 
 

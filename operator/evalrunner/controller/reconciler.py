@@ -3,16 +3,17 @@
 Three duties, each idempotent (kopf re-lists everything on restart and on
 410 Gone, so every call may be a repeat):
 
-- `ensure_evalrun`: token Secret, suite ConfigMaps, and for each suite the
-  Job of the attempt that should exist now (the first, or a retry that
-  resumes the last failed attempt).
+- `ensure_evalrun` (every EvalRun event): the token Secret, then the EvalRun
+  is marked for `_reconcile`, which the refresh loop runs: suite ConfigMaps,
+  and for each suite the Job of the attempt that should exist now (the first,
+  or a retry that resumes the last failed attempt).
 - `on_runner_pod`: classify a runner pod's death and terminate its run row
   through the same store transaction as `evalrunner recover`.
 - `sweep`: rows whose pod is gone, whose deadline passed, or whose heartbeat
   lapsed with no live pod (this is also the reconcile on operator start).
 
-After each, the EvalRun's status is rebuilt from the rows and posted with
-Events for what changed.
+After each, `_reconcile` rebuilds the EvalRun's status from the rows and posts
+Events for what changed, coalesced on the refresh loop.
 """
 
 from __future__ import annotations
@@ -65,14 +66,12 @@ class Reconciler:
 
     def ensure_evalrun(self, evalrun: dict[str, Any]) -> None:
         ns, name = evalrun["metadata"]["namespace"], evalrun["metadata"]["name"]
-        spec = self._spec(evalrun)
-        if spec is None:
-            return
         with self._locks[(ns, name)]:
             self._ensure_token(evalrun)
-            for suite in spec.suites:
-                self._advance_suite(evalrun, spec, suite)
-        self.refresh_status(ns, name)
+        # The spec, Jobs and status are the refresh loop's: it re-reads the EvalRun, since
+        # an event's body may be older than the status already written, and every status
+        # patch comes back as an event.
+        self.mark_dirty(ns, name)
 
     def _spec(self, evalrun: dict[str, Any]) -> EvalRunSpec | None:
         try:
@@ -98,12 +97,12 @@ class Reconciler:
         self.store.register_token(scope, token)
         self.kube.create_owned(builders.build_token_secret(evalrun, token), evalrun, adopt_blindly=True)
 
-    def _advance_suite(self, evalrun: dict[str, Any], spec: EvalRunSpec, suite: EvalRunSuite) -> None:
-        """Make the Job that should exist now exist: attempt 1, or the retry of a failed attempt."""
+    def _advance_suite(self, evalrun: dict[str, Any], spec: EvalRunSpec, suite: EvalRunSuite,
+                       latest: RunRow | None) -> None:
+        """Make the Job that should exist now exist: attempt 1, or the retry of `latest` if it failed."""
         meta = evalrun["metadata"]
         if self._refusal(evalrun, suite.name):
             return
-        latest = self._latest_row(meta["uid"], suite.name, spec.retries)
         if latest is None:
             attempt, parent = 1, None
             if self.kube.get_job(meta["namespace"], builders.job_name(meta["name"], suite.name, 1)) is None:
@@ -136,7 +135,7 @@ class Reconciler:
         refusal in the status; Replace terminates the live runs and deletes their pods.
         """
         meta = evalrun["metadata"]
-        self.sweep()
+        self.sweep(suite=suite.name)
         scope = scope_of(meta["namespace"], meta["name"], meta["uid"])
         live = [r for r in self.store.running_runs()
                 if r.suite == suite.name and r.scope != scope and lock_domain(r.scope) == lock_domain(scope)]
@@ -202,29 +201,29 @@ class Reconciler:
         return len(todo)
 
     def refresh_status(self, namespace: str, name: str) -> None:
-        """Rebuild the status from the rows; post Events for what changed; start due retries."""
+        """Re-read the EvalRun and reconcile it (the refresh loop's entry point)."""
         with self._locks[(namespace, name)]:
             evalrun = self.kube.get_evalrun(namespace, name)
-            if evalrun is None:
-                return
-            spec = self._spec(evalrun)
-            if spec is None:
-                return
-            for suite in spec.suites:  # a failed attempt with retries left gets its successor now
-                self._advance_suite(evalrun, spec, suite)
-            uid = evalrun["metadata"]["uid"]
-            states = []
-            for suite in spec.suites:
-                latest = self._latest_row(uid, suite.name, spec.retries)
-                attempt = latest.attempt if latest else 1
-                states.append(status.SuiteState(suite.name, latest, builders.job_name(name, suite.name, attempt),
-                                                self._refusal(evalrun, suite.name)))
-            old = evalrun.get("status") or {}
-            new = status.build_status(spec, evalrun["metadata"].get("generation"), states, old, self.clock())
-            if _comparable(new) != _comparable(old):
-                self.kube.patch_status(namespace, name, new)
-                for kind, reason, message in status.transitions(old, new):
-                    self.kube.post_event(evalrun, kind, reason, message)
+            spec = self._spec(evalrun) if evalrun is not None else None
+            if spec is not None:
+                self._reconcile(evalrun, spec)
+
+    def _reconcile(self, evalrun: dict[str, Any], spec: EvalRunSpec) -> None:
+        """Start due attempts, rebuild the status from the rows, post Events for what changed."""
+        meta = evalrun["metadata"]
+        states = []
+        for suite in spec.suites:
+            latest = self._latest_row(meta["uid"], suite.name, spec.retries)
+            self._advance_suite(evalrun, spec, suite, latest)  # a failed attempt with retries left gets its successor
+            attempt = latest.attempt if latest else 1
+            states.append(status.SuiteState(suite.name, latest, builders.job_name(meta["name"], suite.name, attempt),
+                                            self._refusal(evalrun, suite.name)))
+        old = evalrun.get("status") or {}
+        new = status.build_status(spec, meta.get("generation"), states, old, self.clock())
+        if _comparable(new) != _comparable(old):
+            self.kube.patch_status(meta["namespace"], meta["name"], new)
+            for kind, reason, message in status.transitions(old, new):
+                self.kube.post_event(evalrun, kind, reason, message)
 
     # ------------------------------------------------------------ runner pods
 
@@ -236,8 +235,12 @@ class Reconciler:
         evalrun_name = (meta.get("annotations") or {}).get(builders.ANNOTATION_EVALRUN) or labels.get(builders.LABEL_EVALRUN)
         if not run_id or not evalrun_name:
             return
-        death = self._classify(pod, deleted=event_type == "DELETED", nodes=nodes)
-        acted = death is not None and self._act_on_death(pod, run_id, evalrun_name, death)
+        row = self.store.get_run(run_id)
+        if row is not None and row.status != RunStatus.RUNNING.value:
+            acted = False  # closed already (by its runner, or an earlier event): nothing to classify
+        else:
+            death = self._classify(pod, deleted=event_type == "DELETED", nodes=nodes)
+            acted = death is not None and self._act_on_death(pod, run_id, evalrun_name, death, row)
         if event_type is not None or acted:
             self.mark_dirty(meta["namespace"], evalrun_name)
 
@@ -265,12 +268,10 @@ class Reconciler:
         except ValueError:
             return 120.0
 
-    def _act_on_death(self, pod: dict[str, Any], run_id: str, evalrun_name: str, death: Death) -> bool:
-        """Terminate (or record) the pod's run; True when this call changed a row."""
+    def _act_on_death(self, pod: dict[str, Any], run_id: str, evalrun_name: str, death: Death,
+                      row: RunRow | None) -> bool:
+        """Terminate the pod's running `row` (or record a run that never opened); True when a row changed."""
         ns = pod["metadata"]["namespace"]
-        row = self.store.get_run(run_id)
-        if row is not None and row.status != RunStatus.RUNNING.value:
-            return False  # the runner (or an earlier event) closed it
         if row is not None:  # the hot path: no API call before the row is closed
             closed = recovery.terminate_for_owner_death(
                 self.store, run_id, death.cause, death.reason, TERMINATED_BY, death.summary)
@@ -293,11 +294,14 @@ class Reconciler:
         if closed is None:
             return False
         if evalrun is not None:
-            how = " (from the runner's summary)" if closed.terminated_by and "summary" in closed.terminated_by else ""
-            self.kube.post_event(
-                evalrun, "Warning" if closed.status == RunStatus.FAILED.value else "Normal", "RunTerminated",
-                f"run {run_id} {closed.status}{how}: " + " ".join(filter(None, (closed.cause, death.reason))))
+            self._post_terminated(evalrun, closed, death.reason)
         return True
+
+    def _post_terminated(self, evalrun: dict[str, Any], closed: RunRow, reason: str | None) -> None:
+        how = " (from the runner's summary)" if closed.terminated_by and "summary" in closed.terminated_by else ""
+        self.kube.post_event(
+            evalrun, "Warning" if closed.status == RunStatus.FAILED.value else "Normal", "RunTerminated",
+            f"run {closed.id} {closed.status}{how}: " + " ".join(filter(None, (closed.cause, reason))))
 
     def _request_for(self, evalrun: dict[str, Any], pod: dict[str, Any], run_id: str) -> RunRequest:
         meta = evalrun["metadata"]
@@ -327,11 +331,13 @@ class Reconciler:
             except Exception as exc:  # one bad pod must not stop the scan of the others
                 self.log.error("controller.scan_failed", pod=pod["metadata"].get("name"), error=repr(exc))
 
-    def sweep(self) -> list[RunRow]:
-        """Terminate running rows whose pod is gone, whose deadline passed, or whose heartbeat lapsed."""
+    def sweep(self, suite: str | None = None) -> list[RunRow]:
+        """Terminate running rows (of one suite, if given) whose pod is gone, deadline passed or heartbeat lapsed."""
         now = self.clock()
         closed = []
         for run in self.store.running_runs():
+            if suite is not None and run.suite != suite:
+                continue
             if self.settings.namespaces and run.owner and run.owner.kind == "pod" \
                     and run.owner.namespace not in self.settings.namespaces:
                 continue  # another controller's (or nobody's) business
@@ -375,10 +381,7 @@ class Reconciler:
         ns, name, _uid = (run.scope.split("/") + ["", "", ""])[:3]
         evalrun = self.kube.get_evalrun(ns, name)
         if evalrun is not None:
-            how = " (from the runner's summary)" if closed.terminated_by and "summary" in closed.terminated_by else ""
-            self.kube.post_event(evalrun, "Warning" if closed.status == RunStatus.FAILED.value else "Normal",
-                                 "RunTerminated",
-                                 f"run {run.id} {closed.status}{how}: {closed.cause or ''} {closed.error}".strip())
+            self._post_terminated(evalrun, closed, closed.error)
             self.mark_dirty(ns, name)
 
 
