@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 
 from . import __version__, admission, doctor, log, recovery, report, summary
 from .models import RunStatus
-from .runner import ResumeError, RunOptions, StatusWriteFailed, run_suite
+from .runner import ResumeError, RunOptions, RunResult, StatusWriteFailed, run_suite
 from .runner.suite_run import DEFAULT_DEADLINE_GRACE_S
 from .owner import pod_from_env, this_process
 from .store import DuckDBStore, StoreError
@@ -74,12 +74,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(report.dumps({"run": report.run_to_dict(result.run), "cases": [report.case_to_dict(c) for c in cases]}))
         else:
             print(report.run_summary_text(result.run, cases))
-        if result.shutdown_signal is not None:
-            return 128 + int(result.shutdown_signal)
-        run = result.run
-        if run.status == RunStatus.COMPLETED.value and not run.failed and not run.errored:
-            return EXIT_OK
-        return EXIT_FAILED
+        return run_exit_code(result)
 
 
 def cmd_run_suite(args: argparse.Namespace) -> int:
@@ -103,11 +98,7 @@ def cmd_run_suite(args: argparse.Namespace) -> int:
     run = result.run
     keep(summary.RunSummary(run.id, run.suite, run.status, run.cause, run.error,
                             run.passed or 0, run.failed or 0, run.errored or 0))
-    if result.shutdown_signal is not None:
-        return 128 + int(result.shutdown_signal)
-    if run.status == RunStatus.COMPLETED.value and not run.failed and not run.errored:
-        return EXIT_OK
-    return EXIT_FAILED
+    return run_exit_code(result)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -136,6 +127,16 @@ def cmd_controller(args: argparse.Namespace) -> int:
         scan_interval_s=args.scan_interval, sweep_interval_s=args.sweep_interval,
         heartbeat_timeout_s=args.heartbeat_timeout,
     ))
+
+
+def run_exit_code(result: RunResult) -> int:
+    """0 all passed; 1 a case failed or errored, or the run failed; 128+N after signal N."""
+    if result.shutdown_signal is not None:
+        return 128 + int(result.shutdown_signal)
+    run = result.run
+    if run.status == RunStatus.COMPLETED.value and not run.failed and not run.errored:
+        return EXIT_OK
+    return EXIT_FAILED
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
