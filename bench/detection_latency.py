@@ -38,7 +38,9 @@ os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.
 
 import localcluster  # noqa: E402
 from kubernetes import client, config, watch  # noqa: E402
-from operator_support import ControllerProcess, EvalRuns, evalrun_manifest, install_crd, slow_suite, wait_for  # noqa: E402
+from operator_support import (  # noqa: E402
+    ControllerProcess, EvalRuns, create_namespace, evalrun_manifest, install_crd, slow_suite, wait_for,
+)
 
 BAR_P99_S = 2.0
 POLL_INTERVAL_S = 120.0
@@ -105,8 +107,7 @@ def main() -> int:
     try:
         api = config.new_client_from_config(config_file=cluster.kubeconfig)
         install_crd(api)
-        client.CoreV1Api(api).create_namespace({"metadata": {"name": NAMESPACE}})
-        wait_for("the default ServiceAccount", lambda: _has_default_sa(api), timeout=30)
+        create_namespace(api, NAMESPACE)
         controller = ControllerProcess(cluster.kubeconfig, NAMESPACE, work).start()
         watcher = TerminalWatch(api)
         watcher.start()
@@ -175,14 +176,6 @@ def main() -> int:
     }, indent=2))
     print(f"wrote {out}")
     return 0 if met else 1
-
-
-def _has_default_sa(api: client.ApiClient) -> bool:
-    try:
-        client.CoreV1Api(api).read_namespaced_service_account("default", NAMESPACE)
-        return True
-    except client.ApiException:
-        return False
 
 
 def _running_pods(api: client.ApiClient, want: int) -> list | None:

@@ -60,8 +60,11 @@ class Cluster:
 
     def _pod_dir(self, namespace: str, name: str) -> Path:
         if self.state_dir is None:
-            pytest.skip("pod processes are only visible with the local node agent "
-                        "(set EVALRUNNER_CLUSTER_DIR to its state directory)")
+            # Only on a cluster given by EVALRUNNER_KUBECONFIG (kind, say), never in CI: its pods
+            # run inside kubelets' containers, so there is no local process to SIGKILL or read.
+            pytest.skip("this test kills or reads a pod's process on this machine, which only the local node "
+                        "agent's pods are; on EVALRUNNER_KUBECONFIG's cluster set EVALRUNNER_CLUSTER_DIR to the "
+                        "agent's state directory, or run it against tools/k8s")
         return self.state_dir / "pods" / _safe(namespace) / _safe(name)
 
     def pod_pid(self, namespace: str, name: str, timeout: float = 30.0) -> int:
@@ -103,7 +106,9 @@ class Cluster:
 
     def _require_state(self) -> Path:
         if self.state_dir is None:
-            pytest.skip("needs the local node agent")
+            # As above: only on an existing cluster, never in CI.
+            pytest.skip("node loss is simulated by pausing the local node agent's heartbeats; an existing "
+                        "cluster's real nodes cannot be paused from here")
         return self.state_dir
 
 
@@ -140,20 +145,12 @@ def namespace(cluster, request):
     from kubernetes import client
     from kubernetes.client.rest import ApiException
 
+    from operator_support import create_namespace
+
     base = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower()).strip("-")[:40].strip("-")
-    name = f"{base}-{uuid.uuid4().hex[:6]}"
-    api = client.CoreV1Api(cluster.api_client())
-    api.create_namespace({"metadata": {"name": name, "labels": {"evalrunner-test": "true"}}})
-    # Pods are rejected until the service-account controller made "default".
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            api.read_namespaced_service_account("default", name)
-            break
-        except ApiException as e:
-            if e.status != 404 or time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
+    api_client = cluster.api_client()
+    name = create_namespace(api_client, f"{base}-{uuid.uuid4().hex[:6]}")
+    api = client.CoreV1Api(api_client)
     try:
         yield name
     finally:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import yaml
+from localcluster import free_port  # noqa: F401  (tools/k8s, on the path via conftest)
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples" / "suites"
@@ -29,10 +29,24 @@ ADMIN_TOKEN = "cluster-test-admin-token"
 RUN_ID = "evals.workshop.dev/run-id"  # the pod annotation naming the attempt's run row
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def create_namespace(api_client: Any, name: str) -> str:
+    """A namespace that can take pods: its `default` ServiceAccount exists (pods are refused before)."""
+    from kubernetes import client
+
+    core = client.CoreV1Api(api_client)
+    core.create_namespace({"metadata": {"name": name, "labels": {"evalrunner-test": "true"}}})
+
+    def has_default_sa() -> bool:
+        try:
+            core.read_namespaced_service_account("default", name)
+            return True
+        except client.ApiException as exc:
+            if exc.status != 404:
+                raise
+            return False
+
+    wait_for(f"the default ServiceAccount in {name}", has_default_sa, timeout=30, interval=0.1)
+    return name
 
 
 def wait_for(what: str, probe: Callable[[], Any], timeout: float = 60, interval: float = 0.2) -> Any:

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from operator_support import (
-    REPO, ControllerProcess, EvalRuns, evalrun_manifest, kubeconfig_for_token, service_account_token, slow_suite,
+    REPO, ControllerProcess, EvalRuns, create_namespace, evalrun_manifest, kubeconfig_for_token, service_account_token, slow_suite,
     smoke_suite, tool_path, wait_for,
 )
 
@@ -47,22 +47,7 @@ def run(cmd: list[str], kubeconfig: str | None = None, check: bool = True, **kw)
 
 
 def make_namespace(api_client, prefix: str) -> str:
-    from kubernetes import client
-
-    name = f"{prefix}-{uuid.uuid4().hex[:6]}"
-    client.CoreV1Api(api_client).create_namespace({"metadata": {"name": name}})
-    wait_for(f"default ServiceAccount in {name}", lambda: _has_sa(api_client, name), timeout=30)
-    return name
-
-
-def _has_sa(api_client, ns: str) -> bool:
-    from kubernetes import client
-
-    try:
-        client.CoreV1Api(api_client).read_namespaced_service_account("default", ns)
-        return True
-    except client.ApiException:
-        return False
+    return create_namespace(api_client, f"{prefix}-{uuid.uuid4().hex[:6]}")
 
 
 def rendered_deployment_args(helm: str, release: str, namespace: str, values: list[str]) -> list[str]:
