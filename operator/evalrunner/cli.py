@@ -23,12 +23,12 @@ from typing import Callable, Sequence
 from . import __version__, admission, doctor, log, recovery, report, summary
 from .models import RunStatus
 from .runner import ResumeError, RunOptions, RunResult, StatusWriteFailed, run_suite
-from .runner.suite_run import DEFAULT_DEADLINE_GRACE_S
+from .timing import DEADLINE_GRACE_S, HEARTBEAT_LEASE_S, SCAN_INTERVAL_S, SHUTDOWN_DEFER_S, SWEEP_INTERVAL_S
 from .owner import pod_from_env, this_process
 from .store import DuckDBStore, StoreError
 from .store.http_client import HttpStore
 from .store.duckdb_store import utcnow
-from .store.records import RunRow
+from .store.records import RunRow, StrandedCases
 from .suites import SuiteFileError, load_suite
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_NOT_RECORDED, EXIT_REFUSED = 0, 1, 2, 3, 4
@@ -55,13 +55,15 @@ class UsageError(Exception):
 def cmd_run(args: argparse.Namespace) -> int:
     suite = load_suite(args.suite)
     with open_store(args) as store:
+        store.require_reserve()
         bar = report.ProgressBar(len(suite.cases), enabled=None if args.progress else False)
         options = RunOptions(
             resume_from=resolve_run_id(store, args.resume).id if args.resume else None,
             deadline_grace_s=args.deadline_grace,
             source=str(Path(args.suite).resolve()),
             search_path=(str(Path(args.suite).resolve().parent),),
-            keep_summary=summary.spooler(store.path),
+            # Beside the database, in the room the reserve frees if the disk is full; and on stderr.
+            keep_summary=summary.echoing(summary.spooler(store.path, make_room=store.release_reserve), args.log_format),
         )
         try:
             result = asyncio.run(run_suite(suite, store, options, progress=lambda _id, o: bar.update(o.verdict)))
@@ -91,7 +93,7 @@ def cmd_run_suite(args: argparse.Namespace) -> int:
         deadline_grace_s=args.deadline_grace,
         source=str(args.suite),
         search_path=(str(Path(args.suite).resolve().parent),),
-        keep_summary=keep,
+        keep_summary=summary.echoing(keep, args.log_format),
         shutdown_defer_s=args.shutdown_defer,
     )
     result = asyncio.run(run_suite(suite, store, options))
@@ -125,7 +127,7 @@ def cmd_controller(args: argparse.Namespace) -> int:
         db=args.db, kubeconfig=args.kubeconfig, namespaces=tuple(args.namespace or ()), host=args.host, port=args.port,
         store_url_for_pods=args.store_url_for_pods, admin_token=os.environ.get(args.admin_token_env),
         scan_interval_s=args.scan_interval, sweep_interval_s=args.sweep_interval,
-        heartbeat_timeout_s=args.heartbeat_timeout,
+        heartbeat_lease_s=args.heartbeat_timeout,
     ))
 
 
@@ -172,7 +174,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_recover(args: argparse.Namespace) -> int:
     with open_store(args) as store:
         run = resolve_run_id(store, args.run_id)
-        if any(swept.id == run.id for swept in getattr(args, "_swept", [])):
+        if any(swept.id == run.id for swept in _swept(args).terminated):
             # The recovery on open closed it just now with a more precise cause than `manual`.
             print(f"run {run.id} terminated: {run.status} ({run.cause}): {run.error}"
                   + ("; --reason was not recorded" if args.reason else ""))
@@ -191,19 +193,33 @@ def cmd_recover(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     # open_store already swept with the default lease; sweep again with the one asked for.
     with open_store(args) as store:
-        closed = recovery.sweep(store, utcnow(), heartbeat_timeout_s=args.heartbeat_timeout, db_path=store.path)
-        total = getattr(args, "_swept", []) + closed
-        for run in total:
+        again = recovery.sweep(store, utcnow(), heartbeat_timeout_s=args.heartbeat_timeout, db_path=store.path)
+        terminated = _swept(args).terminated + again.terminated
+        repaired = _swept(args).repaired + again.repaired
+        for run in terminated:
             print(f"terminated {run.id} ({run.suite}): {run.cause}: {run.error}")
-        print(f"{len(total)} run(s) terminated; {len(store.running_runs())} still running")
+        for stranded in repaired:
+            print(_stranded_line("closed", stranded))
+        print(f"{len(terminated)} run(s) terminated; {sum(s.count for s in repaired)} case row(s) closed; "
+              f"{len(store.running_runs())} run(s) still running")
     return EXIT_OK
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    """The runbook's Verify: no row is still `running` whose owner is gone."""
+    """The runbook's Verify: no row is still `running` whose owner is gone.
+
+    Case rows found `running` under a closed run fail the check even when the
+    recovery on open has just closed them: nothing the product does leaves
+    them, so something (manual SQL, a bug) broke the invariant.
+    """
     with open_store(args) as store:
-        for run in getattr(args, "_swept", []):
+        for run in _swept(args).terminated:
             print(f"terminated {run.id} ({run.suite}): {run.cause}: {run.error}")
+        stranded = _swept(args).repaired + store.stranded_cases()
+        for found in _swept(args).repaired:
+            print(_stranded_line("REPAIRED", found))
+        for found in store.stranded_cases():
+            print(_stranded_line("STRANDED", found))
         stuck, live = [], []
         for run in store.running_runs():
             orphan = recovery.classify_orphan(run, utcnow(), lambda o: recovery.local_liveness(o))
@@ -215,6 +231,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
             print(f"STUCK {run.id} ({run.suite}): {orphan.cause.value}: {orphan.reason}")
         if stuck:
             print(f"{len(stuck)} stuck run(s); `evalrunner sweep` terminates them")
+        if stranded:
+            print(f"{sum(s.count for s in stranded)} case row(s) were left running under closed runs "
+                  "(the runbook's manual SQL updates only eval_runs); " +
+                  ("they are now failed with their run's cause" if not store.stranded_cases()
+                   else "`evalrunner sweep` closes them"))
+        if stuck or stranded:
             return EXIT_FAILED
         print("ok: no run is stuck at running")
     return EXIT_OK
@@ -228,6 +250,16 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def _swept(args: argparse.Namespace) -> recovery.SweepResult:
+    """What the recovery on open did (nothing with --no-recover)."""
+    return getattr(args, "_swept", None) or recovery.SweepResult()
+
+
+def _stranded_line(label: str, stranded: StrandedCases) -> str:
+    return (f"{label} {stranded.count} case row(s) running under {stranded.run_status} run {stranded.run_id} "
+            f"({stranded.suite}); cause {stranded.cause}")
 
 
 class open_store:
@@ -283,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the run and its cases as JSON")
     p.add_argument("--junit", metavar="PATH", help="also write JUnit XML to PATH")
     p.add_argument("--resume", metavar="RUN_ID", help="new attempt that carries over RUN_ID's completed cases")
-    p.add_argument("--deadline-grace", type=float, default=DEFAULT_DEADLINE_GRACE_S, metavar="S",
+    p.add_argument("--deadline-grace", type=float, default=DEADLINE_GRACE_S, metavar="S",
                    help="seconds added to timeout_seconds * cases for the run's deadline (default %(default)s)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
@@ -293,10 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="store service URL (default $EVALRUNNER_STORE_URL); token from $EVALRUNNER_STORE_TOKEN")
     p.add_argument("--run-id", help="the run id the controller chose for this attempt")
     p.add_argument("--resume", metavar="RUN_ID", help="carry over RUN_ID's completed cases")
-    p.add_argument("--deadline-grace", type=float, default=DEFAULT_DEADLINE_GRACE_S, metavar="S")
+    p.add_argument("--deadline-grace", type=float, default=DEADLINE_GRACE_S, metavar="S")
     p.add_argument("--termination-log", default=os.environ.get("EVALRUNNER_TERMINATION_LOG", "/dev/termination-log"),
                    help="where the final summary goes (the container's terminationMessagePath)")
-    p.add_argument("--shutdown-defer", type=float, default=2.0, metavar="S",
+    p.add_argument("--shutdown-defer", type=float, default=SHUTDOWN_DEFER_S, metavar="S",
                    help="on SIGTERM, wait this long for the controller to record why before writing "
                         "shutdown_requested (default %(default)s)")
 
@@ -306,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--admin-token-env", default="EVALRUNNER_ADMIN_TOKEN", metavar="VAR",
                    help="environment variable holding the admin token, which also enables the page's "
                         "terminate action (default %(default)s)")
-    p.add_argument("--sweep-interval", type=float, default=5.0, metavar="S",
+    p.add_argument("--sweep-interval", type=float, default=SWEEP_INTERVAL_S, metavar="S",
                    help="seconds between background sweeps for orphaned runs; 0 disables them (default %(default)s)")
 
     p = add("controller", cmd_controller, "run the Kubernetes operator and the store service")
@@ -319,10 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store-url-for-pods", metavar="URL",
                    help="the store service URL as runner pods reach it (default http://HOST:PORT)")
     p.add_argument("--admin-token-env", default="EVALRUNNER_ADMIN_TOKEN", metavar="VAR")
-    p.add_argument("--scan-interval", type=float, default=1.0, metavar="S",
+    p.add_argument("--scan-interval", type=float, default=SCAN_INTERVAL_S, metavar="S",
                    help="how often pods are classified against the clock (default %(default)s)")
-    p.add_argument("--sweep-interval", type=float, default=5.0, metavar="S")
-    p.add_argument("--heartbeat-timeout", type=float, default=recovery.DEFAULT_HEARTBEAT_TIMEOUT_S, metavar="S")
+    p.add_argument("--sweep-interval", type=float, default=SWEEP_INTERVAL_S, metavar="S")
+    p.add_argument("--heartbeat-timeout", type=float, default=HEARTBEAT_LEASE_S, metavar="S")
 
     p = add("runs", cmd_runs, "list runs, newest first")
     p.add_argument("--status", choices=[s.value for s in RunStatus])
@@ -340,14 +372,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="even if its owner process is alive")
 
     p = add("sweep", cmd_sweep, "terminate runs whose owner died, whose heartbeat lapsed or deadline passed")
-    p.add_argument("--heartbeat-timeout", type=float, default=recovery.DEFAULT_HEARTBEAT_TIMEOUT_S, metavar="S")
+    p.add_argument("--heartbeat-timeout", type=float, default=HEARTBEAT_LEASE_S, metavar="S")
 
     add("verify", cmd_verify, "the runbook's Verify: exit non-zero if any run is stuck at running")
     add("doctor", cmd_doctor, "check the database: lock holder, writability, free disk, schema version")
     return parser
-
-
-COMMANDS_WITHOUT_STORE = {"doctor"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

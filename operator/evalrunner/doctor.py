@@ -41,15 +41,19 @@ def diagnose(db_path: str) -> list[Check]:
     try:
         checks.append(Check("lock", True, "no other process holds the file"))
         checks.append(_writable(store))
+        checks.append(_reserve(store))
         found = store.schema_version()
         checks.append(Check("schema version", found == CURRENT_VERSION, f"database {found}, this evalrunner {CURRENT_VERSION}"))
         running = store.running_runs()
         checks.append(Check("running runs", True, f"{len(running)}" + (f" ({', '.join(r.id for r in running[:5])})" if running else "")))
-        spooled = sorted(p.stem for p in summary.spool_dir(db_path).glob("*.json")) if summary.spool_dir(db_path).exists() else []
-        checks.append(Check(
-            "unwritten final statuses", not spooled,
-            "none" if not spooled else f"{len(spooled)} waiting to be applied by the next command: {', '.join(spooled[:5])}",
-        ))
+        spool = summary.spool_dir(db_path)
+        spooled = sorted(p.stem for p in spool.glob("*.json")) if spool.exists() else []
+        unreadable = sorted(p.name for p in spool.glob("*.unreadable")) if spool.exists() else []
+        detail = "none" if not spooled else (
+            f"{len(spooled)} waiting to be applied by the next command: {', '.join(spooled[:5])}")
+        if unreadable:
+            detail += f"; {len(unreadable)} unreadable, kept in {spool} for inspection: {', '.join(unreadable[:5])}"
+        checks.append(Check("unwritten final statuses", not spooled, detail))
     finally:
         store.close()
     return checks
@@ -71,6 +75,20 @@ def _writable(store: DuckDBStore) -> Check:
             pass
         translated = errors.translate(exc, store.path)
         return Check("writable", False, str(translated or exc))
+
+
+def _reserve(store: DuckDBStore) -> Check:
+    """Opening the store has just tried to create the reserve if it was missing."""
+    reserve = store.reserve
+    if reserve is None:
+        return Check("emergency reserve", True, "none for an in-memory database")
+    if reserve.in_place():
+        return Check("emergency reserve", True, f"{reserve.size // 1024} KiB in place at {reserve.path}")
+    return Check(
+        "emergency reserve", False,
+        f"missing at {reserve.path} and no room to recreate it ({reserve.size // 1024} KiB, and as much again): "
+        "free disk space, or a full disk may fail a run's last writes",
+    )
 
 
 def _free_disk(path: Path) -> Check:

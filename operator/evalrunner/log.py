@@ -23,14 +23,18 @@ SHUTDOWN_REQUESTED = "actor.shutdown_requested"
 # The project's own.
 SUITE_STARTED = "eval.suite_started"
 SUITE_REFUSED = "eval.suite_refused"
-CASE_STARTED = "eval.case_started"
 CASE_COMPLETED = "eval.case_completed"
 CASE_FAILED = "eval.case_failed"
 RUN_TERMINATED = "eval.run_terminated"
 RUN_FENCED = "eval.run_fenced"
+STRANDED_CASES_CLOSED = "eval.stranded_cases_closed"  # case rows left running under a closed run, repaired
 HEARTBEAT_FAILED = "eval.heartbeat_failed"
-STORE_OPENED = "store.opened"
-STORE_MIGRATED = "store.migrated"
+CASES_SAVED = "eval.cases_saved"  # debug: these case results are committed (the durable signal)
+RUN_SUMMARY = "eval.run_summary"  # the runner's summary, echoed when its final write failed
+SUMMARY_UNREADABLE = "eval.summary_unreadable"
+STORE_RESERVE_RELEASED = "store.reserve_released"
+STORE_RESERVE_UNAVAILABLE = "store.reserve_unavailable"
+STORE_REOPENED = "store.reopened"
 
 LOG_FORMATS = ("console", "json")
 

@@ -10,7 +10,6 @@ Kubernetes manifests.
 from __future__ import annotations
 
 import enum
-import re
 from datetime import datetime
 from typing import Annotated, Any, Literal, Union
 
@@ -24,6 +23,8 @@ from pydantic import (
     model_validator,
 )
 from pydantic.alias_generators import to_camel
+
+from .timing import DEADLINE_GRACE_S, START_TIMEOUT_S
 
 # A case id or suite name becomes part of row ids, log lines and Kubernetes
 # object names, so keep it to a safe, readable alphabet.
@@ -252,17 +253,6 @@ class Suite(Frozen):
         return case.scorer or self.scorer
 
 
-def is_terminal(status: str) -> bool:
-    return status in (RunStatus.COMPLETED.value, RunStatus.FAILED.value)
-
-
-_SAFE = re.compile(r"[^A-Za-z0-9._-]")
-
-
-def safe_name(text: str) -> str:
-    return _SAFE.sub("-", text)
-
-
 # ---------------------------------------------------------------- the EvalRun resource
 #
 # These models are the source of the EvalRun CRD schema (`evalrunner.crd`).
@@ -472,6 +462,9 @@ class EnvVar(Frozen):
         return self
 
 
+MAX_RETRIES = 10
+
+
 class EvalRunSpec(Frozen):
     """What to run: suites, each as a Kubernetes Job of the runner image, with retries that resume."""
 
@@ -490,7 +483,7 @@ class EvalRunSpec(Frozen):
     retries: int = Field(
         default=0,
         ge=0,
-        le=10,
+        le=MAX_RETRIES,
         description="Pod attempts after the first, per suite; a new attempt resumes, keeping the cases "
         "earlier attempts completed. Default: 0.",
     )
@@ -509,14 +502,14 @@ class EvalRunSpec(Frozen):
         "the Kubernetes API).",
     )
     start_timeout_seconds: int = Field(
-        default=120,
+        default=START_TIMEOUT_S,
         ge=1,
         le=86_400,
         description="How long a runner pod may stay Pending with an image-pull or scheduling failure before "
         "its attempt fails with cause never_started. Default: 120.",
     )
     deadline_grace_seconds: int = Field(
-        default=60,
+        default=int(DEADLINE_GRACE_S),
         ge=0,
         le=86_400,
         description="Added to timeoutSeconds x cases for each Job's activeDeadlineSeconds. Default: 60.",

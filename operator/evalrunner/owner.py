@@ -45,7 +45,7 @@ class Owner:
 
     def describe(self) -> str:
         if self.kind == "pod":
-            return f"pod {self.namespace}/{self.pod}"
+            return f"pod {self.namespace}/{self.pod}" if self.pod else f"a pod in {self.namespace} (never started)"
         return f"PID {self.pid} on {self.host}"
 
 

@@ -1,9 +1,12 @@
 """Find runs whose owner is gone and terminate them: the runbook, as code.
 
-`classify_orphan` is a pure decision over one row; `sweep` applies it to all
-running rows; `recover_run` is the runbook's manual recovery. All of them
-close rows through `store.terminate_run`, the same transaction the runner
-uses for its own failure write, and log `eval.run_terminated`.
+`orphan_verdict` is the one decision every detector makes over a running row
+(the local sweeper, `evalrunner serve`'s sweeper, the controller's sweep);
+each detector only says what it saw of the owner. `sweep` applies it to all
+running rows of a database and repairs case rows left running under closed
+runs; `recover_run` is the runbook's manual recovery. All of them close rows
+through `store.terminate_run`, the same transaction the runner uses for its
+own failure write, and log `eval.run_terminated`.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Callable
 
@@ -19,9 +22,27 @@ from . import log, summary
 from .models import Cause, RunStatus
 from .owner import Liveness, Owner, local_liveness
 from .store.protocol import RunStore
-from .store.records import RunRow
+from .store.records import RunRow, StrandedCases
+from .timing import HEARTBEAT_LEASE_S
 
-DEFAULT_HEARTBEAT_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class OwnerState:
+    """What a detector saw of a run's owner: alive, dead (and of what), or nothing it can tell."""
+
+    liveness: Liveness
+    cause: Cause = Cause.KILLED  # of a dead owner
+    reason: str = ""
+    summary: summary.RunSummary | None = None  # the runner's own account, when it left one
+
+    @classmethod
+    def dead(cls, cause: Cause, reason: str, runner_summary: summary.RunSummary | None = None) -> OwnerState:
+        return cls("dead", cause, reason, runner_summary)
+
+
+ALIVE = OwnerState("alive")
+UNKNOWN = OwnerState("unknown")
 
 
 @dataclass(frozen=True)
@@ -29,45 +50,70 @@ class Orphan:
     run: RunRow
     cause: Cause
     reason: str
+    summary: summary.RunSummary | None = None
+
+
+def orphan_verdict(
+    run: RunRow, now: datetime, owner: OwnerState, heartbeat_timeout_s: float = HEARTBEAT_LEASE_S
+) -> Orphan | None:
+    """Why `run` must be terminated, or None while its owner may still finish it.
+
+    In order of precedence:
+    1. the owner is dead: the cause its detector saw (a process gone, a pod's classified death);
+    2. the hard deadline (`started_at + timeout_seconds * cases + grace`) has passed, whatever the owner's state;
+    3. the heartbeat is older than the lease and the owner is not seen alive. An owner seen alive is
+       given until its deadline: a lapse may be the store's fault (a restarting controller), not its own.
+    """
+    if run.status != RunStatus.RUNNING.value:
+        return None
+    if owner.liveness == "dead":
+        return Orphan(run, owner.cause, owner.reason, owner.summary)
+    if run.deadline_at is not None and now > run.deadline_at:
+        return Orphan(run, Cause.DEADLINE_EXCEEDED, f"still running past its deadline {run.deadline_at.isoformat()}")
+    if owner.liveness != "alive" and run.heartbeat_at is not None and \
+            now - run.heartbeat_at > timedelta(seconds=heartbeat_timeout_s):
+        age = (now - run.heartbeat_at).total_seconds()
+        return Orphan(run, Cause.HEARTBEAT_LOST, f"no heartbeat for {age:.0f}s (lease {heartbeat_timeout_s:.0f}s)")
+    return None
 
 
 LivenessCheck = Callable[[Owner | None], Liveness]
+
+
+def process_owner_state(owner: Owner | None, liveness: LivenessCheck) -> OwnerState:
+    """What this host can see of a process owner: a PID gone (or reused) is dead, as `killed`."""
+    state = liveness(owner)
+    if state == "dead" and owner is not None:
+        return OwnerState.dead(Cause.KILLED, f"owner process is gone ({owner.describe()})")
+    return ALIVE if state == "alive" else UNKNOWN
 
 
 def classify_orphan(
     run: RunRow,
     now: datetime,
     liveness: LivenessCheck,
-    heartbeat_timeout_s: float = DEFAULT_HEARTBEAT_TIMEOUT_S,
+    heartbeat_timeout_s: float = HEARTBEAT_LEASE_S,
 ) -> Orphan | None:
-    """Why `run` must be terminated, or None while its owner may still finish it.
+    """The verdict on a run whose owner is judged by `liveness` (local processes; see `orphan_verdict`)."""
+    return orphan_verdict(run, now, process_owner_state(run.owner, liveness), heartbeat_timeout_s)
 
-    A provably dead owner wins (most precise cause); then the hard deadline
-    (`started_at + timeout_seconds * cases + grace`); then the heartbeat lease.
-    """
-    if run.status != RunStatus.RUNNING.value:
-        return None
-    state = liveness(run.owner)
-    if state == "dead" and run.owner is not None:
-        return Orphan(run, Cause.KILLED, f"owner process is gone ({run.owner.describe()})")
-    if run.deadline_at is not None and now > run.deadline_at:
-        return Orphan(run, Cause.DEADLINE_EXCEEDED, f"still running past its deadline {run.deadline_at.isoformat()}")
-    if run.heartbeat_at is not None and now - run.heartbeat_at > timedelta(seconds=heartbeat_timeout_s):
-        age = (now - run.heartbeat_at).total_seconds()
-        return Orphan(run, Cause.HEARTBEAT_LOST, f"no heartbeat for {age:.0f}s (lease {heartbeat_timeout_s:.0f}s)")
-    return None
+
+@dataclass(frozen=True)
+class SweepResult:
+    terminated: list[RunRow] = field(default_factory=list)
+    repaired: list[StrandedCases] = field(default_factory=list)  # case rows left running under closed runs
 
 
 def sweep(
     store: RunStore,
     now: datetime,
     *,
-    heartbeat_timeout_s: float = DEFAULT_HEARTBEAT_TIMEOUT_S,
+    heartbeat_timeout_s: float = HEARTBEAT_LEASE_S,
     liveness: LivenessCheck | None = None,
     terminated_by: str = "sweeper",
     db_path: str | None = None,
-) -> list[RunRow]:
-    """Terminate every orphaned running row; returns the rows this call terminated."""
+) -> SweepResult:
+    """Terminate every orphaned running row, then repair case rows left running under closed runs."""
     host = socket.gethostname()
     check = liveness or (lambda owner: local_liveness(owner, host))
     terminated = []
@@ -78,7 +124,18 @@ def sweep(
         closed = close_orphan(store, orphan, terminated_by, db_path)
         if closed is not None:
             terminated.append(closed)
-    return terminated
+    return SweepResult(terminated, repair_stranded_cases(store, terminated_by))
+
+
+def repair_stranded_cases(store: RunStore, terminated_by: str) -> list[StrandedCases]:
+    """Close case rows still `running` under a closed run, with the run's cause (invariant 10)."""
+    repaired = store.close_stranded_cases(terminated_by)
+    for stranded in repaired:
+        log.get(run_id=stranded.run_id, suite=stranded.suite).warning(
+            log.STRANDED_CASES_CLOSED, cases=stranded.count, run_status=stranded.run_status, cause=stranded.cause,
+            terminated_by=terminated_by,
+        )
+    return repaired
 
 
 def close_orphan(store: RunStore, orphan: Orphan, terminated_by: str, db_path: str | None = None) -> RunRow | None:
@@ -93,18 +150,21 @@ def close_orphan(store: RunStore, orphan: Orphan, terminated_by: str, db_path: s
 def apply_summary(store: RunStore, spooled: summary.RunSummary, terminated_by: str) -> RunRow | None:
     """Close a run as its runner meant to, after the runner's own final write failed.
 
-    A case row the runner never closed is failed in the same transaction,
-    so counts stay true to the rows.
+    The summary's case results are written in the same transaction as the
+    close (rows already terminal are left alone), so the run ends with the
+    counts the runner reported; a case row the runner never closed is failed
+    with it. Counts stay true to the rows.
     """
     note = f"closed by {terminated_by} from the runner's summary after its final write failed ({spooled.write_error})"
+    if spooled.trimmed:
+        note += f"; the summary was trimmed: {spooled.trimmed}"
     by = f"{terminated_by} (runner summary)"
     if spooled.status == RunStatus.COMPLETED.value:
-        closed = store.finish_run(spooled.run_id, RunStatus.COMPLETED, None, note, terminated_by=by)
-        if closed is not None:
-            log_terminated(closed, by)
-        return closed
-    error = f"{spooled.error or 'run failed'}; {note}"
-    closed = store.terminate_run(spooled.run_id, spooled.cause or Cause.STATUS_WRITE_FAILED.value, error, by)
+        status, cause, error = RunStatus.COMPLETED, None, note
+    else:
+        status, cause = RunStatus.FAILED, spooled.cause or Cause.STATUS_WRITE_FAILED.value
+        error = f"{spooled.error or 'run failed'}; {note}"
+    closed = store.close_from_summary(spooled.run_id, status, cause, error, by, spooled.case_events())
     if closed is not None:
         log_terminated(closed, by)
     return closed

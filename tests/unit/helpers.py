@@ -125,6 +125,27 @@ class LogReader:
                     )
                 self._cond.wait(left)
 
+    def wait_durable(self, case_ids: Iterable[str], running: int = 0, timeout: float = 15.0) -> None:
+        """Wait until the runner says (`eval.cases_saved`, a debug event) these case results are committed,
+        and, after the last of them, at least `running` rows saved as running (the cases in flight)."""
+        wanted = set(case_ids)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                saved: set[str] = set()
+                in_flight = 0
+                for event in parse_json_lines(self.lines, strict=False):
+                    if event.get("event") == "eval.cases_saved":
+                        saved |= set(event.get("case_ids", ()))
+                        in_flight = in_flight + len(event.get("running_ids", ())) if wanted <= saved else 0
+                if wanted <= saved and in_flight >= running:
+                    return
+                left = deadline - time.monotonic()
+                if left <= 0 or self._done:
+                    raise AssertionError(f"case results {sorted(wanted - saved)} (and {running} running rows) "
+                                         f"were never logged as committed; is --log-level debug set?")
+                self._cond.wait(left)
+
     def join(self, timeout: float = 10.0) -> None:
         self._thread.join(timeout)
 

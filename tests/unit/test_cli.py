@@ -10,7 +10,6 @@ import json
 import socket
 import subprocess
 import sys
-import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -304,12 +303,12 @@ def test_verify_clean_database_exits_0(history: History) -> None:
 
 def kill_after_first_case(db: Path) -> tuple[str, Owner | None]:
     """SIGKILL a real `evalrunner run slow.yaml` once a case completed and the next ones are recorded."""
-    proc = start_cli(["run", SLOW], db)
+    proc = start_cli(["--log-level", "debug", "run", SLOW], db)
     reader = LogReader(proc)
     try:
         started = reader.wait_for("eval.suite_started")[0]
-        reader.wait_for("eval.case_completed")
-        time.sleep(0.3)  # > the 50 ms group commit: the completed and the next running rows are durable
+        completed = reader.wait_for("eval.case_completed")[0]
+        reader.wait_durable([completed["case_id"]], running=1)  # the completed row and the next running one
     finally:
         kill_and_reap(proc)
     reader.join()

@@ -1,4 +1,4 @@
-"""Suite-level locking (DESIGN: EvalRun `concurrencyPolicy`; runbook: "collide with the stale row").
+"""Suite-level locking (docs/ARCHITECTURE.md; the runbook's "new submissions collide with the stale row").
 
 A `running` row of suite X is inserted for a real owner process: a live
 `sleep` or a process that already exited. Then `evalrunner run` of a suite
@@ -62,7 +62,7 @@ def live_row(db: Path, pid: int) -> RunRow:
     with DuckDBStore.open(db) as store:
         report = store.save_cases([CaseEvent(case_row_id(row.id, "one"), row.id, "one", "running", utcnow())])
         assert not report.failures and not report.fenced
-    return row
+        return store.get_run(row.id)  # a batch of case rows renews the heartbeat
 
 
 def new_runs(db: Path, old: RunRow) -> list[RunRow]:

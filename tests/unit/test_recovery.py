@@ -74,6 +74,19 @@ def test_classify_prefers_a_dead_owner_then_deadline_then_heartbeat(store, clock
     lost = recovery.classify_orphan(long_run, T0 + timedelta(seconds=31), unknown, heartbeat_timeout_s=30)
     assert lost.cause is Cause.HEARTBEAT_LOST and "no heartbeat for 31s" in lost.reason
     assert recovery.classify_orphan(long_run, T0 + timedelta(seconds=29), unknown, heartbeat_timeout_s=30) is None
+    # An owner seen alive is given until its deadline: the lapse may be the store's, not its own.
+    assert recovery.classify_orphan(long_run, T0 + timedelta(seconds=31), alive, heartbeat_timeout_s=30) is None
+
+
+def test_one_verdict_for_every_detector(store):
+    """The controller's pod view feeds the same decision: a dead pod's cause, its summary, or the lease."""
+    run = start(store, Owner(kind="pod", namespace="ns", pod="p-1"), cases=("a",), timeout=3600)
+    later = T0 + timedelta(seconds=31)
+    deleted = recovery.OwnerState.dead(Cause.POD_DELETED, "pod ns/p-1 no longer exists")
+    assert recovery.orphan_verdict(run, T0, deleted).cause is Cause.POD_DELETED
+    assert recovery.orphan_verdict(run, later, recovery.ALIVE) is None  # a live pod outlasts a lapsed lease
+    assert recovery.orphan_verdict(run, later, recovery.UNKNOWN).cause is Cause.HEARTBEAT_LOST
+    assert recovery.orphan_verdict(run, T0 + timedelta(hours=2), recovery.ALIVE).cause is Cause.DEADLINE_EXCEEDED
 
 
 # ---------------------------------------------------------------- sweeps on a real file
@@ -89,7 +102,7 @@ def test_sweep_terminates_each_kind_of_orphan_with_its_cause(store, clock, logs)
 
     clock.now = T0 + timedelta(seconds=45)
     store.heartbeat(live.id)  # the live owner keeps beating
-    closed = {r.suite: r for r in recovery.sweep(store, clock.now, heartbeat_timeout_s=30)}
+    closed = {r.suite: r for r in recovery.sweep(store, clock.now, heartbeat_timeout_s=30).terminated}
 
     assert {k: v.cause for k, v in closed.items()} == {
         "killed": "killed", "late": "deadline_exceeded", "silent": "heartbeat_lost"}
@@ -103,7 +116,7 @@ def test_sweep_terminates_each_kind_of_orphan_with_its_cause(store, clock, logs)
     assert logged[silent.id]["cause"] == "heartbeat_lost"
 
     # A second sweep finds nothing: each row terminated exactly once.
-    assert recovery.sweep(store, clock.now, heartbeat_timeout_s=30) == []
+    assert recovery.sweep(store, clock.now, heartbeat_timeout_s=30).terminated == []
     assert len(logs.events("eval.run_terminated")) == 3
 
 

@@ -1,5 +1,5 @@
-"""Resume after process death (DESIGN: "a later attempt resumes: cases that an
-earlier attempt completed are carried over, not re-run").
+"""Resume after process death (docs/ARCHITECTURE.md, "The flow of a run": a later
+attempt carries over the cases an earlier attempt completed, and does not re-run them).
 
 A real `evalrunner run` is SIGKILLed mid-suite; `evalrunner run --resume`
 then opens attempt 2. The target appends every input it is called with to the
@@ -10,7 +10,6 @@ actually executed.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 from helpers import (
@@ -68,11 +67,11 @@ def test_resume_carries_over_completed_cases_and_runs_the_rest(tmp_path: Path) -
     suite = resumable_suite(tmp_path)
     first_calls, second_calls = tmp_path / "calls-1.txt", tmp_path / "calls-2.txt"
 
-    proc = start_cli(["run", suite], db, env={CALLS_ENV: str(first_calls)})
+    proc = start_cli(["--log-level", "debug", "run", suite], db, env={CALLS_ENV: str(first_calls)})
     reader = LogReader(proc)
     try:
         completed_logged = reader.wait_for("eval.case_completed", count=3)
-        time.sleep(0.3)  # the group commit bound is 50 ms: every logged completion is durable by now
+        reader.wait_durable([e["case_id"] for e in completed_logged])
     finally:
         kill_and_reap(proc)
     reader.join()

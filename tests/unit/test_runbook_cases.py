@@ -53,7 +53,8 @@ def rows(db: Path, sql: str, params: list | None = None) -> list[tuple]:
 
 def start_slow_run(db: Path, **extra_env: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [*EVALRUNNER, "run", str(EXAMPLES / "slow.yaml"), "--db", str(db), "--log-format", "json", "--no-progress"],
+        [*EVALRUNNER, "run", str(EXAMPLES / "slow.yaml"), "--db", str(db), "--log-format", "json", "--no-progress",
+         "--log-level", "debug"],  # debug: `eval.cases_saved` says which case rows are committed
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(**extra_env),
     )
 
@@ -72,6 +73,23 @@ def read_until(proc: subprocess.Popen[str], event: str, count: int, timeout: flo
             if ev["event"] == event:
                 seen.append(ev)
     return seen, lines
+
+
+def read_until_durable(proc: subprocess.Popen[str], read: list[str], case_ids: set[str], running: int = 0,
+                       timeout: float = 30) -> None:
+    """Read on (after the lines already `read`) until the runner logs these case results, and then
+    `running` rows in flight, as committed."""
+    saved: set[str] = set()
+    in_flight = 0
+    lines = iter(read)
+    deadline = time.monotonic() + timeout
+    while not (case_ids <= saved and in_flight >= running):
+        assert time.monotonic() < deadline, f"{sorted(case_ids - saved)} never logged as committed"
+        line = next(lines, None) or proc.stderr.readline()
+        assert line, "process ended early"
+        if line.startswith("{") and (ev := json.loads(line))["event"] == "eval.cases_saved":
+            saved |= set(ev["case_ids"])
+            in_flight = in_flight + len(ev["running_ids"]) if case_ids <= saved else 0
 
 
 # ---------------------------------------------------------------- case 1
@@ -139,9 +157,9 @@ def test_case3_sigkill_mid_run_is_terminated_by_the_next_command_without_losing_
     db = tmp_path / "c3.duckdb"
     proc = start_slow_run(db)
     try:
-        completed, _ = read_until(proc, "eval.case_completed", 3)
-        time.sleep(0.3)  # past the group-commit bound (50 ms + one batch write)
+        completed, read = read_until(proc, "eval.case_completed", 3)
         durable = {e["case_id"] for e in completed}
+        read_until_durable(proc, read, durable)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
     finally:
@@ -193,8 +211,8 @@ def test_runbook_sql_runs_verbatim_against_a_product_database(tmp_path):
     db = tmp_path / "runbook.duckdb"
     proc = start_slow_run(db)
     try:
-        read_until(proc, "eval.case_completed", 2)
-        time.sleep(0.3)
+        completed, read = read_until(proc, "eval.case_completed", 2)
+        read_until_durable(proc, read, {e["case_id"] for e in completed}, running=1)  # a sibling is in flight
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
     finally:
@@ -215,7 +233,24 @@ def test_runbook_sql_runs_verbatim_against_a_product_database(tmp_path):
             "failed", "Manual recovery: see eval.case_save_failed at 2026-11-29T12:00:00Z")
         assert con.execute("SELECT status, error FROM eval_runs WHERE id = ?", [stuck_run_id]).fetchone() == (
             "failed", "Manual recovery")
-    # The product reads what the runbook wrote and agrees nothing is stuck.
+        # The runbook updates one case row; its in-flight siblings are left running under a failed run.
+        stranded = [r[0] for r in con.execute(
+            "SELECT id FROM eval_cases WHERE run_id = ? AND status = 'running'", [stuck_run_id]).fetchall()]
+    assert stranded, "the slow suite runs two cases at a time: a sibling was in flight"
+
+    # The product reads what the runbook wrote: verify reports the stranded rows and fails ...
+    inspected = cli(db, "--no-recover", "verify")
+    assert inspected.returncode == 1, inspected.stdout
+    assert f"STRANDED {len(stranded)} case row(s) running under failed run {stuck_run_id}" in inspected.stdout
+    # ... and the next command closes them with the run's cause (manual: the runbook set none).
+    repaired = cli(db, "verify")
+    assert repaired.returncode == 1 and f"REPAIRED {len(stranded)} case row(s)" in repaired.stdout
+    (logged,) = events(repaired.stderr, "eval.stranded_cases_closed")
+    assert (logged["run_id"], logged["cases"], logged["cause"]) == (stuck_run_id, len(stranded), "manual")
+    assert rows(db, "SELECT DISTINCT status, cause FROM eval_cases WHERE list_contains(?, id)", [stranded]) == [
+        ("failed", "manual")]
+    assert rows(db, "SELECT status, error FROM eval_runs WHERE id = ?", [stuck_run_id]) == [
+        ("failed", "Manual recovery")]  # the run row the runbook wrote is kept as it is
     verified = cli(db, "verify")
     assert verified.returncode == 0 and "no run is stuck" in verified.stdout
 

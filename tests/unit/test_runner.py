@@ -169,7 +169,8 @@ def test_status_write_failure_after_a_failure_keeps_the_original_error(tmp_path,
         async def scenario():
             targets_module.state["release"] = asyncio.Event()
             task = asyncio.create_task(run_suite(suite, store, RunOptions(handle_signals=True)))
-            await asyncio.sleep(0.3)
+            while targets_module.state["active"] < 2:  # both cases in flight
+                await asyncio.sleep(0.01)
             signal.raise_signal(signal.SIGTERM)
             return await task
 

@@ -14,6 +14,7 @@ import pytest
 
 from evalrunner.models import Cause, RunStatus
 from evalrunner.owner import Owner, this_process
+from evalrunner.scope import Scope
 from evalrunner.store import CaseEvent, DuckDBStore, RunRequest
 from evalrunner.store import errors
 from evalrunner.store.duckdb_store import utcnow
@@ -217,9 +218,8 @@ def test_full_disk_gives_a_clear_error_and_loses_nothing(small_tmpfs):
     with pytest.raises(errors.StoreError) as exc:
         with DuckDBStore.open(path) as s:
             big = s.start_run(request(suite="big", cases=[f"c{i}" for i in range(2000)])).run
-            for i in range(0, 2000, 100):
-                s.save_cases([case_event(big.id, f"c{i + j}", "completed", output="x" * 4000) for j in range(100)])
-            s._cur().execute("CHECKPOINT")
+            # A write larger than the WAL's slack and the emergency reserve (which it releases) together.
+            s.finish_run(big.id, RunStatus.COMPLETED, error="x" * 1_000_000)
     assert isinstance(exc.value, errors.StoreDiskFullError)
     assert "no space left" in str(exc.value) and "no committed row is lost" in str(exc.value)
     (small_tmpfs / "filler").unlink()
@@ -268,8 +268,90 @@ def test_suite_locks_apply_per_namespace(store):
     def start(scope):
         return store.start_run(request(suite="smoke", scope=scope)).run
 
-    start("team-a/nightly/uid-1")
-    start("team-b/nightly/uid-2")  # another namespace: no collision
+    start(Scope("team-a", "nightly", "uid-1"))
+    start(Scope("team-b", "nightly", "uid-2"))  # another namespace: no collision
     start(None)  # a local run: no collision either
     with pytest.raises(RunRefused):
-        start("team-a/other/uid-3")
+        start(Scope("team-a", "other", "uid-3"))
+
+
+# ---------------------------------------------------------------- one writer; guards inside writes
+
+
+def test_a_case_batch_racing_a_close_never_leaves_running_rows_under_the_closed_run(store):
+    """Two threads of one process: a runner posting case batches, a controller closing the run (Replace).
+
+    Whichever the database orders first, the batch lands before the close (and is closed with it)
+    or sees the run closed and writes nothing; never `running` case rows under a failed run.
+    """
+    import random
+    import threading
+
+    for round_ in range(60):
+        run = store.start_run(request(suite=f"race-{round_}", cases=[f"c{i}" for i in range(200)])).run
+        closed = threading.Event()
+
+        def post_batches(run, closed):
+            for first in range(0, 200, 10):
+                report = store.save_cases([case_event(run.id, f"c{i}") for i in range(first, first + 10)])
+                if report.fenced:
+                    return
+            closed.wait(5)
+
+        poster = threading.Thread(target=post_batches, args=(run, closed))
+        poster.start()
+        time.sleep(random.random() * 0.005)
+        store.terminate_run(run.id, Cause.REPLACED, "replaced by another EvalRun", "controller")
+        closed.set()
+        poster.join()
+        left = [c.name for c in store.cases(run.id) if c.status == "running"]
+        assert not left, f"round {round_}: case rows running under a closed run: {left[:5]}"
+
+
+def test_every_write_runs_on_the_one_writer_thread(store):
+    """Writes from many threads (handlers, loops, the runner) are serialised on one thread."""
+    import threading
+
+    writers: set[int] = set()
+    store.transaction_observer = lambda seconds, error: writers.add(threading.get_ident())
+    runs = [store.start_run(request(suite=f"w{i}")).run for i in range(4)]
+
+    def work(run):
+        store.save_cases([case_event(run.id, "a", "running")])
+        store.heartbeat(run.id)
+        store.finish_run(run.id, RunStatus.COMPLETED)
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in runs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(writers) == 1 and threading.get_ident() not in writers
+
+
+def test_case_rows_stranded_by_manual_sql_are_closed_with_the_run_cause(store):
+    """The runbook's SQL fails the run row only; the repair fails its running cases, keeping the run as written."""
+    manual = store.start_run(request(suite="manual")).run
+    replaced = store.start_run(request(suite="replaced")).run
+    done = store.start_run(request(suite="done")).run
+    for run in (manual, replaced, done):
+        store.save_cases([case_event(run.id, "a", "completed", passed=True, score=1.0, completed_at=utcnow()),
+                          case_event(run.id, "b", "running")])
+    store._cur().execute("UPDATE eval_runs SET status = 'failed', completed_at = CURRENT_TIMESTAMP, "
+                         "error = 'Manual recovery' WHERE id = ?", [manual.id])
+    store._cur().execute("UPDATE eval_runs SET status = 'failed', cause = 'replaced' WHERE id = ?", [replaced.id])
+    store._cur().execute("UPDATE eval_runs SET status = 'completed' WHERE id = ?", [done.id])
+
+    found = {s.run_id: (s.count, s.cause) for s in store.stranded_cases()}
+    assert found == {manual.id: (1, "manual"), replaced.id: (1, "replaced"), done.id: (1, "runner_error")}
+    repaired = store.close_stranded_cases("sweeper")
+    assert {s.run_id for s in repaired} == set(found)
+    assert store.stranded_cases() == [] and store.close_stranded_cases("sweeper") == []
+    for run in (manual, replaced, done):
+        cases = {c.name: c for c in store.cases(run.id)}
+        assert cases["a"].status == "completed"
+        assert cases["b"].status == "failed" and cases["b"].cause == found[run.id][1]
+        assert "closed by sweeper" in cases["b"].error
+    row = store.get_run(manual.id)
+    assert (row.status, row.error, row.cause) == ("failed", "Manual recovery", None)  # the run row is kept
+    assert (row.passed, row.failed, row.errored) == (1, 0, 1)  # its totals follow its case rows

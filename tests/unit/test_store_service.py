@@ -16,10 +16,11 @@ from service_support import ServiceThread
 
 from evalrunner.admission import RunRefused
 from evalrunner.faults import Faults
-from evalrunner.models import RunStatus
+from evalrunner.models import LockPolicy, RunStatus
 from evalrunner.owner import this_process
 from evalrunner.runner import RunOptions, StatusWriteFailed, run_suite
-from evalrunner.service.auth import new_token, scope_of
+from evalrunner.scope import Scope
+from evalrunner.service.auth import new_token
 from evalrunner.store import DuckDBStore, RunRequest
 from evalrunner.store.http_client import HttpStore, StoreServiceError
 from evalrunner.suites import load_suite
@@ -40,7 +41,7 @@ def service(tmp_path):
 
 
 def token_for(service: ServiceThread, name: str) -> tuple[str, str]:
-    token, scope = new_token(), scope_of("team-a", name, f"uid-{name}")
+    token, scope = new_token(), Scope("team-a", name, f"uid-{name}")
     service.store.register_token(scope, token)
     return token, scope
 
@@ -117,12 +118,24 @@ def test_retried_requests_are_idempotent(service):
 
 
 def test_lock_policy_refusal_crosses_the_wire(service):
-    token, _ = token_for(service, "locks")
-    client = HttpStore(service.url, token)
+    client = HttpStore(service.url, ADMIN)
     client.start_run(RunRequest(suite="shared", case_names=("a",), timeout_seconds=1, owner=this_process()))
     with pytest.raises(RunRefused) as exc:
         client.start_run(RunRequest(suite="shared", case_names=("a",), timeout_seconds=1, owner=this_process()))
     assert exc.value.suite == "shared" and len(exc.value.live_run_ids) == 1
+
+
+def test_a_runner_token_never_decides_the_lock_policy(service):
+    """The controller applied the policy before it made the pod: a runner's start is recorded, not refused,
+    and a runner asking for Replace closes nobody's run."""
+    first = HttpStore(service.url, token_for(service, "first")[0])
+    second = HttpStore(service.url, token_for(service, "second")[0])
+    live = first.start_run(RunRequest(suite="locked", case_names=("a",), timeout_seconds=1, owner=this_process(),
+                                      lock_policy=LockPolicy.FORBID)).run
+    admitted = second.start_run(RunRequest(suite="locked", case_names=("a",), timeout_seconds=1,
+                                           owner=this_process(), lock_policy=LockPolicy.REPLACE))
+    assert admitted.replaced == () and admitted.run.lock_policy == "Replace"
+    assert service.store.get_run(live.id).status == "running"
 
 
 def test_oversized_and_malformed_bodies_get_clear_errors_and_lose_nothing(service):

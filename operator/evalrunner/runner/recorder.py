@@ -6,6 +6,10 @@ committed within `flush_interval_s` plus the time of one batch write (tens of
 milliseconds), so a SIGKILL loses at most that window, never an earlier case.
 When a case starts and ends inside one window, only its final state is
 written: nothing durable was ever `running` in between.
+
+A batch that fails (a full disk, a store briefly unreachable) loses nothing:
+the latest event of each row it could not save is kept and retried with the
+next batches, at close, and finally inside the run's final write.
 """
 
 from __future__ import annotations
@@ -15,11 +19,14 @@ import contextlib
 from typing import Callable
 
 from .. import log
+from ..models import RunStatus
 from ..store.records import CaseEvent
 from ..store.thread import StoreThread
+from ..timing import FLUSH_INTERVAL_S, HEARTBEAT_INTERVAL_S
 
-DEFAULT_FLUSH_INTERVAL_S = 0.05
-DEFAULT_HEARTBEAT_INTERVAL_S = 5.0
+# Unsaved rows are retried with backoff while their saves keep failing: on a full
+# disk every retry is a failed transaction per row, and they would crowd out the rest.
+MAX_RETRY_INTERVAL_S = 2.0
 
 
 class CaseRecorder:
@@ -31,8 +38,8 @@ class CaseRecorder:
         run_id: str,
         suite: str,
         on_fenced: Callable[[], None],
-        flush_interval_s: float = DEFAULT_FLUSH_INTERVAL_S,
-        heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S,
+        flush_interval_s: float = FLUSH_INTERVAL_S,
+        heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S,
         persist: bool = True,
     ):
         self.worker = worker
@@ -41,7 +48,10 @@ class CaseRecorder:
         self.flush_interval_s = flush_interval_s
         self.heartbeat_interval_s = heartbeat_interval_s
         self.persist = persist
-        self.unsaved: dict[str, str] = {}  # case row id -> why its save failed
+        self.unsaved: dict[str, str] = {}  # case row id -> why its latest save failed
+        self._unsaved_events: dict[str, CaseEvent] = {}  # case row id -> its latest event not yet saved
+        self._retry_interval_s = flush_interval_s
+        self._next_retry_at = 0.0  # event-loop time
         self.fenced = False
         self._on_fenced = on_fenced
         self._pending: list[CaseEvent] = []
@@ -69,32 +79,67 @@ class CaseRecorder:
             if task.get_name() != "flush":
                 task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.flush()
+        await self.flush(retry_now=True)
 
-    async def flush(self) -> None:
-        if not self._pending or self.fenced:
+    def unsaved_events(self) -> list[CaseEvent]:
+        """The latest event of every row whose save has not succeeded yet: for the run's final write."""
+        return list(self._unsaved_events.values())
+
+    async def flush(self, retry_now: bool = False) -> None:
+        """Save the queued events, then retry the rows whose earlier saves failed (when their backoff allows).
+
+        Retries go in a batch of their own, so a row that keeps failing
+        (runbook case 1) never holds back the new results.
+        """
+        if self.fenced:
             return
         batch, self._pending = self._pending, []
+        if batch:
+            await self._save(batch)
+        now = asyncio.get_running_loop().time()
+        just_tried = {ev.row_id for ev in batch}
+        retries = [ev for row_id, ev in self._unsaved_events.items() if row_id not in just_tried]
+        if not retries or self.fenced or not (retry_now or now >= self._next_retry_at):
+            return
+        await self._save(retries)
+        failing = any(ev.row_id in self._unsaved_events for ev in retries)
+        self._retry_interval_s = (
+            min(self._retry_interval_s * 2, MAX_RETRY_INTERVAL_S) if failing else self.flush_interval_s
+        )
+        self._next_retry_at = now + self._retry_interval_s
+
+    async def _save(self, events: list[CaseEvent]) -> None:
         try:
             # Shielded: once a batch is taken, it is written even if our caller is cancelled.
-            report = await asyncio.shield(self.worker.call(self.worker.store.save_cases, batch))
+            report = await asyncio.shield(self.worker.call(self.worker.store.save_cases, events))
         except Exception as exc:  # the store itself is unreachable: every row in the batch is unsaved
             report = None
-            failures = {ev.row_id: f"{type(exc).__name__}: {exc}" for ev in batch}
+            failures = {ev.row_id: f"{type(exc).__name__}: {exc}" for ev in events}
         else:
             failures = report.failures
             if report.fenced:
                 self._fence()
-        names = {ev.row_id: ev.name for ev in batch}
+                return
+        latest = {ev.row_id: ev for ev in events}
         for row_id, error in failures.items():
+            if row_id not in latest:
+                continue
             if row_id not in self.unsaved:
-                self._log.error(log.CASE_SAVE_FAILED, case_id=row_id, case=names.get(row_id), error=error)
+                self._log.error(log.CASE_SAVE_FAILED, case_id=row_id, case=latest[row_id].name, error=error,
+                                retrying=True)
             self.unsaved[row_id] = error
-        # A later successful save of the same row supersedes an earlier failure.
-        if report is not None:
-            for ev in batch:
-                if ev.row_id not in failures:
-                    self.unsaved.pop(ev.row_id, None)
+            self._unsaved_events[row_id] = latest[row_id]
+        if report is None:
+            return
+        saved = [row_id for row_id in latest if row_id not in failures]
+        for row_id in saved:
+            self.unsaved.pop(row_id, None)
+            self._unsaved_events.pop(row_id, None)
+        # Durable now: these case results, and these rows as `running` (not results yet).
+        results = [row_id for row_id in saved if latest[row_id].status != RunStatus.RUNNING.value]
+        running = [row_id for row_id in saved if latest[row_id].status == RunStatus.RUNNING.value]
+        if results or running:
+            self._log.debug(log.CASES_SAVED, case_ids=results, running_ids=running)
 
     async def _flush_loop(self) -> None:
         while not self._stop.is_set():

@@ -24,12 +24,12 @@ from ..store.duckdb_store import utcnow
 from ..store.protocol import RunStore
 from ..store.records import CaseEvent, RunRequest, RunRow, case_row_id, clip_output
 from ..targets import build_target
+from ..timing import DEADLINE_GRACE_S, FLUSH_INTERVAL_S, HEARTBEAT_INTERVAL_S
 from .case import CaseOutcome, execute_case
 from ..store.thread import StoreThread
-from .recorder import DEFAULT_FLUSH_INTERVAL_S, DEFAULT_HEARTBEAT_INTERVAL_S, CaseRecorder
+from .recorder import CaseRecorder
 from .signals import shutdown_signals
 
-DEFAULT_DEADLINE_GRACE_S = 60.0
 FINAL_WRITE_ATTEMPTS = 3
 
 Progress = Callable[[str, CaseOutcome], None]
@@ -40,9 +40,9 @@ class RunOptions:
     owner: Owner | None = None
     resume_from: str | None = None  # a run id: carry over its completed cases, run the rest
     run_id: str | None = None  # chosen by the caller (the controller names each attempt's run)
-    deadline_grace_s: float = DEFAULT_DEADLINE_GRACE_S
-    flush_interval_s: float = DEFAULT_FLUSH_INTERVAL_S
-    heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S
+    deadline_grace_s: float = DEADLINE_GRACE_S
+    flush_interval_s: float = FLUSH_INTERVAL_S
+    heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S
     persist: bool = True  # False only for benchmarks: case rows are not written
     source: str | None = None
     search_path: tuple[str, ...] = ()
@@ -121,6 +121,7 @@ class _SuiteRun:
         self.score_fns = score_fns
         self.progress = progress
         self.outcomes: dict[str, CaseOutcome] = {}
+        self.final_events: dict[str, CaseEvent] = {}  # case name -> its final row state, for the summary
         self.started_cases = 0
         self.shutdown_signal: signal.Signals | None = None
         self.cases_task: asyncio.Task[None] | None = None
@@ -230,11 +231,13 @@ class _SuiteRun:
                 recorder.record(CaseEvent(row_id, run_id, case.id, RunStatus.RUNNING.value, started))
                 outcome = await execute_case(case, self.invoke, self.score_fns[case.id], self.suite.timeout_seconds)
                 self.outcomes[case.id] = outcome
-                recorder.record(CaseEvent(
+                final = CaseEvent(
                     row_id, run_id, case.id, outcome.status.value, started, utcnow(), outcome.error,
                     outcome.cause.value if outcome.cause else None, outcome.passed, outcome.score,
                     clip_output(outcome.output), outcome.detail, outcome.duration_ms,
-                ))
+                )
+                self.final_events[case.id] = final
+                recorder.record(final)
                 event = log.CASE_COMPLETED if outcome.status is RunStatus.COMPLETED else log.CASE_FAILED
                 self.log.info(event, case_id=row_id, case=case.id, verdict=outcome.verdict, score=outcome.score,
                               cause=outcome.cause.value if outcome.cause else None, error=outcome.error,
@@ -250,13 +253,20 @@ class _SuiteRun:
 
     async def _write_final(self, run: RunRow, status: RunStatus, cause: Cause | None, error: str | None,
                            original: BaseException | None, recorder: CaseRecorder) -> RunRow:
-        """The guarded final write: retried briefly, and its failure never hides the original error."""
+        """The guarded final write: retried briefly, and its failure never hides the original error.
+
+        It carries the case results whose saves failed, so they land with the
+        close; if it fails, the summary left for recovery carries all of them.
+        """
         cause_value = cause.value if cause else None
         last_error: BaseException | None = None
         for attempt in range(FINAL_WRITE_ATTEMPTS):
             try:
+                # The reasons go along too: a store too old to take the events still fails those rows
+                # as `case_save_failed` rather than leave them running.
                 final = await self.worker.call(
-                    self.store.finish_run, run.id, status, cause_value, error, dict(recorder.unsaved)
+                    self.store.finish_run, run.id, status, cause_value, error, dict(recorder.unsaved),
+                    case_events=recorder.unsaved_events(),
                 )
                 break
             except Exception as exc:
@@ -271,6 +281,7 @@ class _SuiteRun:
                 kept = self.options.keep_summary(summary.RunSummary(
                     run.id, self.suite.name, status.value, cause_value, error, *counts,
                     write_error=f"{type(last_error).__name__}: {last_error}",
+                    cases=tuple(summary.CaseResult.from_event(ev) for ev in self.final_events.values()),
                 ))
             self.log.error(
                 log.SUITE_STATUS_WRITE_FAILED, intended_status=status.value, cause=cause_value,
@@ -280,11 +291,15 @@ class _SuiteRun:
             reason = f"{cause_value}: {error}" if cause_value else error
             raise StatusWriteFailed(run.id, status.value, reason, original, last_error) from last_error
 
-        if final is None:  # someone else closed it first; their state stands
+        if final is None:
             final = await self.worker.call(self.store.get_run, run.id) or run
-            self.log.warning(log.RUN_FENCED, reason="run was already terminal at the final write", status=final.status,
-                             cause=final.cause)
-            return final
+            # An attempt that reported an error may still have committed (a checkpoint failing after the
+            # commit); the retry then finds our own close. Anyone else's close stands, and fences us.
+            ours = final.terminated_by == "runner" and final.status == status.value and final.cause == cause_value
+            if not ours:
+                self.log.warning(log.RUN_FENCED, reason="run was already terminal at the final write",
+                                 status=final.status, cause=final.cause)
+                return final
         fields = dict(status=final.status, cause=final.cause, error=final.error, passed=final.passed,
                       failed=final.failed, errored=final.errored, attempt=final.attempt)
         if final.status == RunStatus.COMPLETED.value:

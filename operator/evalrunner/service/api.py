@@ -73,7 +73,9 @@ async def start_run(request: web.Request) -> web.Response:
     if not caller.is_admin:
         if req.scope not in (None, caller.scope):
             raise http_error(web.HTTPForbidden, "this token may not open runs for another EvalRun")
-        req = dataclasses.replace(req, scope=caller.scope)
+        # An EvalRun's token belongs to a pod of a Job the controller created after applying the
+        # suite's lock policy; the policy the pod names is recorded, never decided again here.
+        req = dataclasses.replace(req, scope=caller.scope, admitted=True)
     if req.parent_run_id:
         store, calls = _ctx(request)
         parent = await calls(store.get_run, req.parent_run_id)
@@ -168,9 +170,20 @@ async def finish_run(request: web.Request) -> web.Response:
         raise http_error(web.HTTPBadRequest, f"status: must be completed or failed, not {body.get('status')!r}") from None
     if status is RunStatus.RUNNING:
         raise http_error(web.HTTPBadRequest, "status: a run can only finish as completed or failed")
+    # Case results whose saves failed land with the close (optional: older runners do not send them).
+    try:
+        case_events = wire.case_events_from_json(body.get("case_events"), "case_events")
+    except wire.WireError as exc:
+        raise http_error(web.HTTPBadRequest, str(exc)) from None
+    if len(case_events) > MAX_EVENTS_PER_BATCH:
+        raise http_error(web.HTTPRequestEntityTooLarge,
+                         f"{len(case_events)} case events; the limit is {MAX_EVENTS_PER_BATCH}")
+    foreign = [e.row_id for e in case_events if e.run_id != run.id]
+    if foreign:
+        raise http_error(web.HTTPForbidden, f"case events for other runs in the finish of run {run.id}: {foreign[:3]}")
     store, calls = _ctx(request)
     closed = await calls(store.finish_run, run.id, status, body.get("cause"), body.get("error"),
-                         dict(body.get("unsaved_cases") or {}))
+                         dict(body.get("unsaved_cases") or {}), case_events=case_events)
     if closed is not None:
         request.app[ON_CHANGE](closed.scope)
         return web.json_response({"applied": True, "run": wire.run_row_to_json(closed)})

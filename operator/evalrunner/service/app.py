@@ -19,6 +19,7 @@ from . import api, metrics, page
 from .admin_session import AdminSessions
 from .auth import TokenCheck
 from ..store.thread import StoreThread
+from ..timing import HEARTBEAT_LEASE_S
 from .context import CALLS, HEALTH, ON_CHANGE, STARTED, STORE, TOKENS, json_error
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
@@ -48,7 +49,7 @@ def build_app(
     liveness: recovery.LivenessCheck | None = None,
     health: Callable[[], tuple[bool, dict]] | None = None,
     on_change: Callable[[str | None], None] | None = None,
-    heartbeat_timeout_s: float = recovery.DEFAULT_HEARTBEAT_TIMEOUT_S,
+    heartbeat_timeout_s: float = HEARTBEAT_LEASE_S,
 ) -> web.Application:
     """The service app. With `sweep_interval_s`, orphans are swept in the background too.
 

@@ -12,36 +12,32 @@ import secrets
 from dataclasses import dataclass
 from typing import Callable
 
-ADMIN_SCOPE = "*"
+from ..scope import Scope
 
 
 def new_token() -> str:
     return secrets.token_urlsafe(32)
 
 
-def scope_of(namespace: str, name: str, uid: str) -> str:
-    return f"{namespace}/{name}/{uid}"
-
-
 @dataclass(frozen=True)
 class Caller:
-    scope: str
+    scope: Scope | None  # None for the admin
+    is_admin: bool = False
 
-    @property
-    def is_admin(self) -> bool:
-        return self.scope == ADMIN_SCOPE
+    def may_write(self, run_scope: Scope | None) -> bool:
+        return self.is_admin or (run_scope is not None and run_scope == self.scope)
 
-    def may_write(self, run_scope: str | None) -> bool:
-        return self.is_admin or (run_scope is not None and hmac.compare_digest(self.scope, run_scope))
+
+ADMIN = Caller(None, is_admin=True)
 
 
 class TokenCheck:
     """Resolves `Authorization: Bearer …` to a Caller; caches lookups of the token table."""
 
-    def __init__(self, lookup: Callable[[str], str | None], admin_token: str | None = None):
+    def __init__(self, lookup: Callable[[str], Scope | None], admin_token: str | None = None):
         self._lookup = lookup
         self._admin = admin_token
-        self._cache: dict[str, str] = {}
+        self._cache: dict[str, Scope] = {}
 
     def caller(self, header: str | None) -> Caller | None:
         if not header or not header.startswith("Bearer "):
@@ -50,7 +46,7 @@ class TokenCheck:
         if not token:
             return None
         if self._admin and hmac.compare_digest(token, self._admin):
-            return Caller(ADMIN_SCOPE)
+            return ADMIN
         scope = self._cache.get(token)
         if scope is None:
             scope = self._lookup(token)

@@ -37,6 +37,7 @@ from ..owner import local_liveness
 from ..report import duration_s, verdict
 from ..store.duckdb_store import DuckDBStore, utcnow
 from ..store.records import CaseRow, CaseTally, RunRow
+from ..timing import HEARTBEAT_LEASE_S
 from .admin_session import (
     AdminSessions,
     Session,
@@ -86,7 +87,7 @@ DISABLED_TEXT = (
 class PageSettings:
     sessions: AdminSessions
     liveness: recovery.LivenessCheck = field(default=lambda owner: local_liveness(owner))
-    heartbeat_timeout_s: float = recovery.DEFAULT_HEARTBEAT_TIMEOUT_S
+    heartbeat_timeout_s: float = HEARTBEAT_LEASE_S
 
 
 PAGE = web.AppKey("page", PageSettings)
@@ -476,7 +477,7 @@ def render_fields(view: RunView) -> Safe:
         ("Terminated by", run.terminated_by),
         ("Lock policy", run.lock_policy),
         ("Source", run.source),
-        ("EvalRun", run.scope),
+        ("EvalRun", str(run.scope) if run.scope else None),
     ]
     items = join(html("<dt>{}</dt><dd>{}</dd>", name, value) for name, value in fields if value not in (None, ""))
     return html('<dl class="fields" id="fields">{}</dl>', items)

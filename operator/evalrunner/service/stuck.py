@@ -2,7 +2,10 @@
 
 A `running` row is STUCK when
 - `recovery.classify_orphan` would terminate it (its owner is provably dead,
-  it is past its hard deadline, or its heartbeat is older than the lease), or
+  it is past its hard deadline, or its heartbeat is older than the lease and
+  its owner cannot be seen alive), or
+- its heartbeat is older than the lease though its owner is alive (a hung
+  process: a detector waits for its deadline, a person may not want to), or
 - it has been running longer than its time budget, `started_at +
   timeout_seconds * case_count` (the runbook's symptom). The hard deadline
   adds a grace period to that budget; between the two the row is shown as
@@ -19,6 +22,7 @@ from datetime import datetime
 from .. import recovery
 from ..models import RunStatus
 from ..store.records import RunRow
+from ..timing import HEARTBEAT_LEASE_S
 
 
 @dataclass(frozen=True)
@@ -31,13 +35,17 @@ def why_stuck(
     run: RunRow,
     now: datetime,
     liveness: recovery.LivenessCheck,
-    heartbeat_timeout_s: float = recovery.DEFAULT_HEARTBEAT_TIMEOUT_S,
+    heartbeat_timeout_s: float = HEARTBEAT_LEASE_S,
 ) -> Stuck | None:
     if run.status != RunStatus.RUNNING.value:
         return None
     orphan = recovery.classify_orphan(run, now, liveness, heartbeat_timeout_s)
     if orphan is not None:
         return Stuck(orphan.cause.value, orphan.reason)
+    age_s = heartbeat_age_s(run, now)
+    if age_s is not None and age_s > heartbeat_timeout_s:
+        return Stuck("heartbeat_lost", f"no heartbeat for {age_s:.0f}s (lease {heartbeat_timeout_s:.0f}s), "
+                                       "though its owner process is alive")
     start = run.started_at or run.created_at
     if start is not None and run.timeout_seconds is not None and run.case_count:
         budget_s = run.timeout_seconds * run.case_count

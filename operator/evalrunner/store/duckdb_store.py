@@ -8,7 +8,12 @@ Invariants kept here:
 - A run row and its still-running case rows become terminal in one
   transaction (`_close_run`), whoever closes it: the runner itself, the
   sweeper, the controller or a manual `evalrunner recover`.
-- One process opens the file read-write. Threads use their own cursor.
+- A case row is never written `running` under a closed run: the batch's
+  guard is an UPDATE of its run row, so it and a close are ordered by the
+  database, and `close_stranded_cases` repairs any row that ever is
+  (manual SQL included).
+- One process opens the file read-write, and within it one thread writes
+  (`Writer`); reads use the calling thread's own cursor.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import shutil
 import threading
 import time
 from datetime import datetime, timedelta, timezone
@@ -24,10 +30,11 @@ from typing import Callable, Iterable, Sequence
 
 import duckdb
 
-from .. import admission
+from .. import admission, log
 from ..faults import Faults
 from ..models import Cause, RunStatus
 from ..owner import Owner
+from ..scope import Scope, lock_domain
 from . import errors
 from .records import (
     Admission,
@@ -40,8 +47,11 @@ from .records import (
     RunRequest,
     RunRow,
     SaveReport,
+    StrandedCases,
 )
+from .reserve import DiskReserve
 from .schema import CURRENT_VERSION, MIGRATIONS
+from .writer import Writer
 
 Clock = Callable[[], datetime]
 TransactionObserver = Callable[[float, "BaseException | None"], None]
@@ -58,6 +68,19 @@ RUN_COLUMNS = (
 CASE_COLUMNS = (
     "id, run_id, name, status, created_at, started_at, completed_at, error, cause, passed, score, "
     "output, detail, duration_ms, carried_from"
+)
+
+# A run's totals, counted from its case rows (in an UPDATE of eval_runs).
+_RECOUNT = (
+    "passed = (SELECT count(*) FROM eval_cases c WHERE c.run_id = eval_runs.id AND c.status = 'completed' AND c.passed), "
+    "failed = (SELECT count(*) FROM eval_cases c WHERE c.run_id = eval_runs.id AND c.status = 'completed' "
+    "AND NOT c.passed), "
+    "errored = (SELECT count(*) FROM eval_cases c WHERE c.run_id = eval_runs.id AND c.status = 'failed')"
+)
+# The cause a case row stranded under closed run `r` gets: the run's own; `runner_error` under a
+# completed run (as `_close_run` does); `manual` under a run failed by hand with no cause.
+_STRANDED_CAUSE = (
+    "CASE WHEN r.status = 'completed' THEN 'runner_error' ELSE coalesce(r.cause, 'manual') END"
 )
 
 # DuckDB raises TransactionException ("Conflict on update") when two
@@ -83,6 +106,8 @@ class DuckDBStore:
         self.clock = clock
         self.faults = faults if faults is not None else Faults.from_env()
         self._local = threading.local()
+        self._writer = Writer()
+        self.reserve = DiskReserve(path) if path != ":memory:" else None
         # Called after every write transaction with (seconds, exception or None); /metrics uses it.
         # It runs on the writing thread and must not raise (a failing observer is ignored).
         self.transaction_observer: TransactionObserver | None = None
@@ -108,9 +133,55 @@ class DuckDBStore:
         except (duckdb.Error, OSError) as exc:
             con.close()
             raise (errors.translate(exc, path) or errors.StoreError(f"cannot prepare database {path}: {exc}")) from exc
+        store._ensure_reserve()
         return store
 
+    def _ensure_reserve(self) -> None:
+        """Best effort: a disk too full for the reserve must not stop anyone reading or closing runs."""
+        if self.reserve is None:
+            return
+        why_not = self.reserve.ensure()
+        if why_not:
+            log.get().warning(
+                log.STORE_RESERVE_UNAVAILABLE, path=str(self.reserve.path), size=self.reserve.size, reason=why_not,
+                consequence="`evalrunner run` starts no run until there is room for it",
+            )
+
+    def require_reserve(self) -> None:
+        """Refuse to start a run that a full disk could lose.
+
+        Without the reserve, a run that meets a full disk could lose its final
+        status and, with no room for it either, its summary.
+        """
+        if self.reserve is None or self.reserve.in_place():
+            return
+        raise errors.StoreReserveMissingError(
+            self.path, str(self.reserve.path), shutil.disk_usage(self.reserve.path.parent).free, self.reserve.size
+        )
+
+    def release_reserve(self) -> bool:
+        """Free the emergency reserve for a write that found the disk full; True if that freed space."""
+        if self.reserve is None or not self.reserve.release():
+            return False
+        log.get().warning(log.STORE_RESERVE_RELEASED, path=str(self.reserve.path), size=self.reserve.size,
+                          db=self.path, note="recreated by a later open once there is room")
+        return True
+
+    def _reopen(self, reason: BaseException) -> None:
+        """Replace a connection DuckDB has invalidated (a FatalException, such as a checkpoint on a full disk)."""
+        try:
+            self._con.close()
+        except duckdb.Error:
+            pass
+        try:
+            self._con = duckdb.connect(self.path)
+        except duckdb.Error as exc:
+            raise (errors.translate(exc, self.path) or errors.StoreError(
+                f"cannot reopen database {self.path} after a fatal error ({reason}): {exc}")) from exc
+        log.get().warning(log.STORE_REOPENED, path=self.path, reason=errors.first_line(str(reason)))
+
     def close(self) -> None:
+        self._writer.shutdown()
         try:
             self._con.close()
         except duckdb.Error:
@@ -124,9 +195,9 @@ class DuckDBStore:
 
     def _cur(self) -> duckdb.DuckDBPyConnection:
         cur = getattr(self._local, "cur", None)
-        if cur is None:
+        if cur is None or self._local.con is not self._con:  # none yet, or the connection was reopened
             cur = self._con.cursor()
-            self._local.cur = cur
+            self._local.cur, self._local.con = cur, self._con
         return cur
 
     def schema_version(self) -> int:
@@ -161,7 +232,11 @@ class DuckDBStore:
     # ------------------------------------------------------------ transactions
 
     def _transaction(self, body: Callable[[duckdb.DuckDBPyConnection], object]) -> object:
-        """Run `body` in a transaction, retrying DuckDB write-write conflicts; tell the observer how it went."""
+        """Run `body` in a transaction on the writer thread, retrying DuckDB write-write conflicts."""
+        return self._writer.run(lambda: self._observed_transaction(body))
+
+    def _observed_transaction(self, body: Callable[[duckdb.DuckDBPyConnection], object]) -> object:
+        """Tell the observer how long the transaction took and how it went."""
         observer = self.transaction_observer
         if observer is None:
             return self._run_transaction(body)
@@ -175,13 +250,27 @@ class DuckDBStore:
         return result
 
     def _run_transaction(self, body: Callable[[duckdb.DuckDBPyConnection], object]) -> object:
+        """A transaction that found the disk full is tried once more after releasing the reserve."""
+        try:
+            return self._attempt_transaction(body)
+        except errors.StoreDiskFullError:
+            if not self.release_reserve():
+                raise
+            return self._attempt_transaction(body)
+
+    def _attempt_transaction(self, body: Callable[[duckdb.DuckDBPyConnection], object]) -> object:
         cur = self._cur()
         for attempt in range(_CONFLICT_RETRIES):
-            cur.begin()
             try:
+                cur.begin()
                 result = body(cur)
                 cur.commit()
                 return result
+            except duckdb.FatalException as exc:
+                # A failed checkpoint (at commit, when the WAL grew large) invalidates the database:
+                # nothing works on it until it is reopened. The transaction did not commit.
+                self._reopen(exc)
+                raise (errors.translate(exc, self.path) or exc) from exc
             except duckdb.TransactionException as exc:
                 _rollback(cur)
                 if "conflict" not in str(exc).lower() or attempt == _CONFLICT_RETRIES - 1:
@@ -210,8 +299,9 @@ class DuckDBStore:
                 existing = self._select_runs(cur, "WHERE id = ?", [request.run_id])
                 if existing:
                     return self._replayed_start(existing[0], request)
-            live = [r for r in self._select_runs(cur, "WHERE suite = ? AND status = 'running'", [request.suite])
-                    if lock_domain(r.scope) == lock_domain(request.scope)]
+            live = [] if request.admitted else [
+                r for r in self._select_runs(cur, "WHERE suite = ? AND status = 'running'", [request.suite])
+                if lock_domain(r.scope) == lock_domain(request.scope)]
             decision = admission.decide(request.lock_policy, [r.id for r in live])
             if not decision.admit:
                 raise admission.RunRefused(
@@ -239,7 +329,7 @@ class DuckDBStore:
                     run_id, request.suite, now, now, request.owner.to_json(), now, deadline, attempt,
                     request.parent_run_id, request.timeout_seconds,
                     n_cases + len(request.carried_case_names), request.lock_policy.value, request.source,
-                    request.scope,
+                    _scope_text(request.scope),
                 ],
             )
             if request.parent_run_id and request.carried_case_names:
@@ -276,7 +366,7 @@ class DuckDBStore:
                 "terminated_by, source, scope) VALUES (?, ?, 'failed', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, 0, 0, ?, ?, ?, ?)",
                 [request.run_id, request.suite, now, now, now, error, cause, request.owner.to_json(), attempt,
                  request.parent_run_id, request.timeout_seconds, len(request.case_names), request.lock_policy.value,
-                 terminated_by, request.source, request.scope],
+                 terminated_by, request.source, _scope_text(request.scope)],
             )
             return self._select_runs(cur, "WHERE id = ?", [request.run_id])[0]
 
@@ -329,13 +419,18 @@ class DuckDBStore:
         """Returns True when the run is fenced (no longer running) and nothing was written."""
         for ev in batch:
             self.faults.check("case_save", ev.name)
-        run_ids = {ev.run_id for ev in batch}
-        live = cur.execute(
-            "SELECT count(*) FROM eval_runs WHERE list_contains(?, id) AND status = 'running'", [list(run_ids)]
-        ).fetchone()[0]
-        if live != len(run_ids):
-            return True
+        run_ids = sorted({ev.run_id for ev in batch})
         now = self.clock()
+        # The guard is a write, not a read: touching the run row orders this batch against a
+        # close of the same run (DuckDB refuses the second of two writes to a row), so the batch
+        # lands before the close, and is closed with it, or sees the run closed and writes nothing.
+        # A batch of case results is also a sign of life, hence the heartbeat.
+        live = cur.execute(
+            "UPDATE eval_runs SET heartbeat_at = ? WHERE list_contains(?, id) AND status = 'running' RETURNING id",
+            [now, run_ids],
+        ).fetchall()
+        if len(live) != len(run_ids):
+            return True
         cols = list(zip(*[
             (ev.row_id, ev.run_id, ev.name, ev.status, now, ev.started_at, ev.completed_at, ev.error, ev.cause,
              ev.passed, ev.score, ev.output, ev.detail, ev.duration_ms)
@@ -383,12 +478,21 @@ class DuckDBStore:
         error: str | None = None,
         unsaved_cases: dict[str, str] | None = None,
         terminated_by: str = "runner",
+        case_events: Sequence[CaseEvent] = (),
     ) -> RunRow | None:
-        """The owner's own terminal write. None when someone else already closed the run."""
+        """The owner's own terminal write. None when someone else already closed the run.
+
+        `case_events` are the latest states of case rows whose saves failed:
+        they land in the same transaction as the close, so the totals count
+        them. `unsaved_cases` (row id -> why) are closed as `case_save_failed`
+        unless their event landed.
+        """
         self.faults.check("suite_status_write")
         now = self.clock()
         return self._transaction(  # type: ignore[return-value]
-            lambda cur: self._close_run(cur, run_id, status.value, cause, error, terminated_by, now, unsaved_cases or {})
+            lambda cur: self._close_run(
+                cur, run_id, status.value, cause, error, terminated_by, now, unsaved_cases or {}, case_events
+            )
         )
 
     def terminate_run(self, run_id: str, cause: Cause | str, error: str, terminated_by: str) -> RunRow | None:
@@ -403,6 +507,26 @@ class DuckDBStore:
             lambda cur: self._close_run(cur, run_id, FAILED, cause_value, error, terminated_by, now)
         )
 
+    def close_from_summary(
+        self,
+        run_id: str,
+        status: RunStatus,
+        cause: str | None,
+        error: str | None,
+        terminated_by: str,
+        case_events: Sequence[CaseEvent],
+    ) -> RunRow | None:
+        """Close a run as its runner's summary says, after the runner's own final write was lost.
+
+        The summary's case results land in the same transaction as the close
+        (rows already terminal stay as they are), so the totals are the ones
+        the runner reported. None when the run was already terminal.
+        """
+        now = self.clock()
+        return self._transaction(  # type: ignore[return-value]
+            lambda cur: self._close_run(cur, run_id, status.value, cause, error, terminated_by, now, None, case_events)
+        )
+
     def _close_run(
         self,
         cur: duckdb.DuckDBPyConnection,
@@ -413,11 +537,14 @@ class DuckDBStore:
         terminated_by: str,
         now: datetime,
         unsaved_cases: dict[str, str] | None = None,
+        case_events: Sequence[CaseEvent] = (),
     ) -> RunRow | None:
         still_running = cur.execute("SELECT 1 FROM eval_runs WHERE id = ? AND status = 'running'", [run_id]).fetchone()
         if not still_running:
             return None
-        for row_id, save_error in (unsaved_cases or {}).items():
+        unsaved_cases = dict(unsaved_cases or {})
+        self._land_case_events(cur, run_id, case_events, unsaved_cases)
+        for row_id, save_error in unsaved_cases.items():
             name = row_id.split("/", 1)[-1]
             cur.execute(
                 "INSERT INTO eval_cases (id, run_id, name, status, created_at, started_at, completed_at, error, cause) "
@@ -434,38 +561,107 @@ class DuckDBStore:
             [now, case_cause or Cause.RUNNER_ERROR.value, _case_error(status, cause, error), run_id],
         )
         rows = cur.execute(
-            "UPDATE eval_runs SET status = ?, cause = ?, error = ?, completed_at = ?, terminated_by = ?, "
-            "passed = (SELECT count(*) FROM eval_cases c WHERE c.run_id = eval_runs.id AND c.status = 'completed' AND c.passed), "
-            "failed = (SELECT count(*) FROM eval_cases c WHERE c.run_id = eval_runs.id AND c.status = 'completed' AND NOT c.passed), "
-            "errored = (SELECT count(*) FROM eval_cases c WHERE c.run_id = eval_runs.id AND c.status = 'failed') "
+            f"UPDATE eval_runs SET status = ?, cause = ?, error = ?, completed_at = ?, terminated_by = ?, {_RECOUNT} "
             f"WHERE id = ? AND status = 'running' RETURNING {RUN_COLUMNS}",
             [status, cause, error, now, terminated_by, run_id],
         ).fetchall()
         return _run_row(rows[0]) if rows else None
 
+    def _land_case_events(
+        self, cur: duckdb.DuckDBPyConnection, run_id: str, events: Sequence[CaseEvent], unsaved: dict[str, str]
+    ) -> None:
+        """Write the latest event of each case row that is not terminal yet, inside a close.
+
+        A row whose save is known to fail (an injected `case_save` fault) goes
+        to `unsaved` instead, to be closed as `case_save_failed`: one bad row
+        must not abort the close of its run.
+        """
+        latest: dict[str, CaseEvent] = {}
+        for ev in events:
+            if ev.run_id != run_id:
+                continue
+            try:
+                self.faults.check("case_save", ev.name)
+            except duckdb.Error as exc:
+                unsaved[ev.row_id] = f"{type(exc).__name__}: {exc}"
+                latest.pop(ev.row_id, None)
+                continue
+            latest[ev.row_id] = ev
+        for row_id in latest:
+            unsaved.pop(row_id, None)
+        if latest:
+            self._upsert_cases(cur, list(latest.values()))
+
+    # ------------------------------------------------------------ repairing the invariant
+
+    def stranded_cases(self) -> list[StrandedCases]:
+        """Case rows still `running` under a run that is not: what `close_stranded_cases` would close."""
+        return self._stranded(self._cur())
+
+    def close_stranded_cases(self, terminated_by: str) -> list[StrandedCases]:
+        """Fail every case row still `running` under a closed run, with the run's cause.
+
+        Nothing the product does leaves such a row (a run and its cases close in
+        one transaction), but the runbook's manual SQL updates only `eval_runs`.
+        The run's status, cause, error and completion time stay as they are; its
+        totals are recounted from its case rows.
+        """
+
+        def body(cur: duckdb.DuckDBPyConnection) -> list[StrandedCases]:
+            found = self._stranded(cur)
+            if not found:
+                return []
+            now = self.clock()
+            cur.execute(
+                f"UPDATE eval_cases SET status = 'failed', completed_at = ?, cause = {_STRANDED_CAUSE}, "
+                "error = 'run was already ' || r.status || coalesce(' (' || r.cause || ')', '') "
+                "|| ' while this case was running; closed by ' || ? "
+                "FROM eval_runs r WHERE eval_cases.run_id = r.id AND eval_cases.status = 'running' "
+                "AND r.status <> 'running'",
+                [now, terminated_by],
+            )
+            cur.execute(
+                f"UPDATE eval_runs SET {_RECOUNT} WHERE list_contains(?, id)", [[s.run_id for s in found]]
+            )
+            return found
+
+        return self._transaction(body)  # type: ignore[return-value]
+
+    @staticmethod
+    def _stranded(cur: duckdb.DuckDBPyConnection) -> list[StrandedCases]:
+        rows = cur.execute(
+            f"SELECT r.id, r.suite, r.status, {_STRANDED_CAUSE}, count(*) FROM eval_cases c "
+            "JOIN eval_runs r ON c.run_id = r.id WHERE c.status = 'running' AND r.status <> 'running' "
+            "GROUP BY ALL ORDER BY r.id"
+        ).fetchall()
+        return [StrandedCases(*r) for r in rows]
+
     # ------------------------------------------------------------ store-service tokens
 
-    def register_token(self, scope: str, token: str) -> None:
+    def register_token(self, scope: Scope, token: str) -> None:
         """Let `token` write runs of `scope` (idempotent). Only a hash is stored."""
         self._transaction(lambda cur: cur.execute(
             "INSERT INTO api_tokens VALUES (?, ?, ?) ON CONFLICT (token_sha256) DO NOTHING",
-            [_sha256(token), scope, self.clock()],
+            [_sha256(token), str(scope), self.clock()],
         ))
 
-    def scope_for_token(self, token: str) -> str | None:
+    def revoke_token(self, token: str) -> None:
+        self._transaction(lambda cur: cur.execute("DELETE FROM api_tokens WHERE token_sha256 = ?", [_sha256(token)]))
+
+    def scope_for_token(self, token: str) -> Scope | None:
         row = self._cur().execute("SELECT scope FROM api_tokens WHERE token_sha256 = ?", [_sha256(token)]).fetchone()
-        return row[0] if row else None
-
-    def scope_has_token(self, scope: str) -> bool:
-        return self._cur().execute("SELECT 1 FROM api_tokens WHERE scope = ? LIMIT 1", [scope]).fetchone() is not None
-
-    def revoke_scope(self, scope: str) -> None:
-        self._transaction(lambda cur: cur.execute("DELETE FROM api_tokens WHERE scope = ?", [scope]))
+        return Scope.parse(row[0]) if row else None
 
     # ------------------------------------------------------------ reads
 
     def running_runs(self) -> list[RunRow]:
         return self._select_runs(self._cur(), "WHERE status = 'running' ORDER BY created_at", [])
+
+    def latest_attempt(self, run_ids: Sequence[str]) -> RunRow | None:
+        """Of the runs with these ids (the attempts of one suite), the one with the highest attempt."""
+        rows = self._select_runs(self._cur(), "WHERE list_contains(?, id) ORDER BY attempt DESC LIMIT 1",
+                                 [list(run_ids)])
+        return rows[0] if rows else None
 
     def get_run(self, run_id: str) -> RunRow | None:
         rows = self._select_runs(self._cur(), "WHERE id = ?", [run_id])
@@ -625,6 +821,8 @@ class DuckDBStore:
         for name in columns:
             if name == "owner":
                 values.append([r.owner.to_json() if r.owner else None for r in runs])
+            elif name == "scope":
+                values.append([_scope_text(r.scope) for r in runs])
             else:
                 values.append([getattr(r, name) for r in runs])
         select = ", ".join(f"unnest(${i + 1}::{types.get(name, 'VARCHAR')}[])" for i, name in enumerate(columns))
@@ -646,12 +844,8 @@ class RunIdTaken(errors.StoreError):
         super().__init__(f"run id {run_id} already exists and belongs to another owner")
 
 
-def lock_domain(scope: str | None) -> str | None:
-    """Where a suite's lock policy applies: per namespace in a cluster, and among local runs.
-
-    Two teams' suites named `smoke` in different namespaces are different suites.
-    """
-    return scope.split("/", 1)[0] if scope else None
+def _scope_text(scope: Scope | None) -> str | None:
+    return str(scope) if scope is not None else None
 
 
 def _sha256(token: str) -> str:
@@ -696,6 +890,7 @@ def _notify(observer: TransactionObserver, seconds: float, error: BaseException 
 def _run_row(r: Sequence[object]) -> RunRow:
     values = list(r)
     values[8] = Owner.from_json(values[8])  # type: ignore[arg-type]
+    values[21] = Scope.parse(values[21])  # type: ignore[arg-type]
     return RunRow(*values)  # type: ignore[arg-type]
 
 

@@ -46,6 +46,15 @@ class StoreDiskFullError(StoreError):
         )
 
 
+class StoreReserveMissingError(StoreError):
+    def __init__(self, path: str, reserve_path: str, free_bytes: int, reserve_bytes: int):
+        super().__init__(
+            f"not starting a run: the disk holding {path} is nearly full ({free_bytes // 1024} KiB free), with no "
+            f"room for the {reserve_bytes // 1024} KiB emergency reserve ({reserve_path}) that lets a run's results "
+            "survive a full disk. Free disk space and run again; listing and closing runs still work."
+        )
+
+
 class StoreSchemaTooNewError(StoreError):
     def __init__(self, path: str, found: int, supported: int):
         super().__init__(
@@ -72,21 +81,26 @@ def translate(exc: BaseException, path: str) -> StoreError | None:
     if "Could not set lock" in text:
         return StoreLockedError(path, None, None)
     lowered = text.lower()
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC or "no space left" in lowered:
-        return StoreDiskFullError(path, _first_line(text))
+    if is_out_of_space(exc) or "no space left" in lowered or "disk quota exceeded" in lowered:
+        return StoreDiskFullError(path, first_line(text))
     if (
         isinstance(exc, PermissionError)
         or "read-only file system" in lowered
         or "permission denied" in lowered
         or "cannot open file" in lowered and "read-only" in lowered
     ):
-        return StoreReadOnlyError(path, _first_line(text))
+        return StoreReadOnlyError(path, first_line(text))
     if isinstance(exc, duckdb.SerializationException) or "not a valid duckdb database" in lowered:
-        return StoreCorruptError(path, _first_line(text))
+        return StoreCorruptError(path, first_line(text))
     return None
 
 
-def _first_line(text: str) -> str:
+def is_out_of_space(exc: BaseException) -> bool:
+    """A file write refused for lack of space (a full disk, or the user's quota)."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def first_line(text: str) -> str:
     return text.strip().splitlines()[0] if text.strip() else text
 
 

@@ -21,7 +21,7 @@ from ..models import Cause, RunStatus
 from . import wire
 from .duckdb_store import new_run_id, utcnow
 from .errors import StoreError
-from .records import Admission, CaseEvent, RunRequest, RunRow, SaveReport
+from .records import Admission, CaseEvent, RunRequest, RunRow, SaveReport, StrandedCases
 
 # Every call is idempotent, so a server-side failure (a transient DuckDB
 # conflict, a restarting controller behind its Service) is retried too.
@@ -83,17 +83,26 @@ class HttpStore:
         error: str | None = None,
         unsaved_cases: dict[str, str] | None = None,
         terminated_by: str = "runner",
+        case_events: Sequence[CaseEvent] = (),
     ) -> RunRow | None:
         self.faults.check("suite_status_write")
-        body = {"status": status.value, "cause": cause, "error": error, "unsaved_cases": unsaved_cases or {}}
+        body = {"status": status.value, "cause": cause, "error": error, "unsaved_cases": unsaved_cases or {},
+                "case_events": wire.case_events_to_json(case_events)}
         data = self._call("POST", f"/runs/{run_id}/finish", body)
         return wire.run_row_from_json(data["run"]) if data.get("applied") else None
 
     def terminate_run(self, run_id: str, cause: Cause | str, error: str, terminated_by: str) -> RunRow | None:
         raise StoreServiceError("runner tokens cannot terminate runs; the controller does that")
 
+    def close_from_summary(self, run_id: str, status: RunStatus, cause: str | None, error: str | None,
+                           terminated_by: str, case_events: Sequence[CaseEvent]) -> RunRow | None:
+        raise StoreServiceError("runner tokens cannot close runs from a summary; the controller does that")
+
     def running_runs(self) -> list[RunRow]:
         return []  # orphans are the controller's business in cluster mode
+
+    def close_stranded_cases(self, terminated_by: str) -> list[StrandedCases]:
+        return []  # and so is repairing case rows
 
     def close(self) -> None:
         pass

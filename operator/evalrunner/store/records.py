@@ -8,6 +8,8 @@ from typing import Any
 
 from ..models import LockPolicy
 from ..owner import Owner
+from ..scope import Scope
+from ..timing import DEADLINE_GRACE_S
 
 MAX_OUTPUT_CHARS = 64 * 1024
 
@@ -21,12 +23,15 @@ class RunRequest:
     timeout_seconds: float
     owner: Owner
     lock_policy: LockPolicy = LockPolicy.FORBID
-    deadline_grace_seconds: float = 60.0
+    deadline_grace_seconds: float = DEADLINE_GRACE_S
     parent_run_id: str | None = None
     carried_case_names: tuple[str, ...] = ()
     source: str | None = None
     run_id: str | None = None  # chosen by the caller when it must be known in advance
-    scope: str | None = None  # the EvalRun (namespace/name/uid) whose token may write this run
+    scope: Scope | None = None  # the EvalRun whose token may write this run; None for a local run
+    # The controller already applied the suite's lock policy to this attempt (cluster runs): the
+    # store records `lock_policy` and does not decide again.
+    admitted: bool = False
 
 
 @dataclass(frozen=True)
@@ -52,7 +57,7 @@ class RunRow:
     lock_policy: str | None
     terminated_by: str | None
     source: str | None
-    scope: str | None = None
+    scope: Scope | None = None
 
 
 @dataclass(frozen=True)
@@ -105,6 +110,17 @@ class Admission:
 class SaveReport:
     failures: dict[str, str] = field(default_factory=dict)  # case row id -> error text
     fenced: bool = False  # the run row is no longer running: stop writing
+
+
+@dataclass(frozen=True)
+class StrandedCases:
+    """Case rows left `running` under a run that is no longer running, per run."""
+
+    run_id: str
+    suite: str
+    run_status: str
+    cause: str  # what the repair gives them: the run's cause
+    count: int
 
 
 @dataclass(frozen=True)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, fields
 from datetime import datetime
-from typing import Any
+from typing import Any, Sequence
 
 from ..models import LockPolicy
 from ..owner import Owner
+from ..scope import Scope
+from ..timing import DEADLINE_GRACE_S
 from .records import Admission, CaseEvent, RunRequest, RunRow, SaveReport
 
 API_PREFIX = "/api/v1"
@@ -30,6 +32,19 @@ def _parse_ts(value: Any, field: str) -> datetime | None:
         raise WireError(f"{field}: not an ISO 8601 timestamp: {value!r}") from None
 
 
+def _scope_text(scope: Scope | None) -> str | None:
+    return str(scope) if scope is not None else None
+
+
+def _parse_scope(value: Any, field: str) -> Scope | None:
+    if value is None:
+        return None
+    scope = Scope.parse(value) if isinstance(value, str) else None
+    if scope is None:
+        raise WireError(f"{field}: must be namespace/name/uid, not {value!r}")
+    return scope
+
+
 def owner_to_json(owner: Owner | None) -> dict[str, Any] | None:
     return {k: v for k, v in asdict(owner).items() if v is not None} if owner else None
 
@@ -48,6 +63,9 @@ def owner_from_json(data: Any) -> Owner | None:
 def run_request_to_json(req: RunRequest) -> dict[str, Any]:
     data = asdict(req)
     data["owner"] = owner_to_json(req.owner)
+    data["scope"] = _scope_text(req.scope)
+    if not req.admitted:
+        del data["admitted"]  # only the service sets it (for EvalRun tokens); older services do not know it
     data["lock_policy"] = req.lock_policy.value
     data["case_names"] = list(req.case_names)
     data["carried_case_names"] = list(req.carried_case_names)
@@ -71,12 +89,13 @@ def run_request_from_json(data: Any) -> RunRequest:
             timeout_seconds=float(data["timeout_seconds"]),
             owner=owner_from_json(data["owner"]),  # type: ignore[arg-type]
             lock_policy=LockPolicy(data.get("lock_policy", LockPolicy.FORBID.value)),
-            deadline_grace_seconds=float(data.get("deadline_grace_seconds", 60.0)),
+            deadline_grace_seconds=float(data.get("deadline_grace_seconds", DEADLINE_GRACE_S)),
             parent_run_id=data.get("parent_run_id"),
             carried_case_names=tuple(str(n) for n in data.get("carried_case_names", ())),
             source=data.get("source"),
             run_id=data.get("run_id"),
-            scope=data.get("scope"),
+            scope=_parse_scope(data.get("scope"), "scope"),
+            admitted=bool(data.get("admitted", False)),
         )
     except (TypeError, ValueError) as exc:
         raise WireError(f"invalid run request: {exc}") from None
@@ -88,6 +107,7 @@ def run_row_to_json(row: RunRow) -> dict[str, Any]:
         if isinstance(value, datetime):
             data[key] = value.isoformat()
     data["owner"] = owner_to_json(row.owner)
+    data["scope"] = _scope_text(row.scope)
     return data
 
 
@@ -96,6 +116,7 @@ def run_row_from_json(data: dict[str, Any]) -> RunRow:
     for key in ("created_at", "started_at", "completed_at", "heartbeat_at", "deadline_at"):
         values[key] = _parse_ts(values.get(key), key)
     values["owner"] = owner_from_json(values.get("owner"))
+    values["scope"] = _parse_scope(values.get("scope"), "scope")
     return RunRow(**{f.name: values.get(f.name) for f in fields(RunRow)})
 
 
@@ -130,6 +151,22 @@ def case_event_from_json(data: Any, index: int) -> CaseEvent:
     values["started_at"] = _parse_ts(data["started_at"], f"{where}.started_at")
     values["completed_at"] = _parse_ts(data.get("completed_at"), f"{where}.completed_at")
     return CaseEvent(**values)
+
+
+def case_events_to_json(events: Sequence[CaseEvent]) -> list[dict[str, Any]]:
+    return [case_event_to_json(ev) for ev in events]
+
+
+def case_events_from_json(data: Any, field: str) -> list[CaseEvent]:
+    """A list of case events, as in a finish request's `case_events` (absent means none)."""
+    if data is None:
+        return []
+    if not isinstance(data, list):
+        raise WireError(f"{field}: must be a list of case events")
+    try:
+        return [case_event_from_json(item, i) for i, item in enumerate(data)]
+    except WireError as exc:
+        raise WireError(f"{field}: {exc}") from None
 
 
 def save_report_to_json(report: SaveReport) -> dict[str, Any]:
