@@ -29,3 +29,13 @@ def logs():
     log.configure("json", "debug", stream=capture.stream)
     yield capture
     log.configure("console", "warning")
+
+
+@pytest.fixture
+def world():
+    """A controller wired to an in-memory fake of the Kubernetes API, a real in-memory store, a fixed clock."""
+    from controller_fakes import World
+
+    built = World.build()
+    yield built
+    built.close()

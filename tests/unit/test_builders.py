@@ -104,7 +104,7 @@ def test_run_id_is_a_function_of_uid_suite_and_attempt():
 
 def test_inline_suite_configmap_holds_a_loadable_suite_file():
     er = evalrun(concurrencyPolicy="Replace")
-    cm = b.build_suite_configmap(er, parsed(er).suite("qa-smoke"))
+    cm = b.build_suite_configmap(er, parsed(er), parsed(er).suite("qa-smoke"))
     assert cm["kind"] == "ConfigMap"
     assert cm["metadata"]["name"] == "nightly-qa-smoke"
     assert cm["metadata"]["namespace"] == "evals"
@@ -117,7 +117,7 @@ def test_inline_suite_configmap_holds_a_loadable_suite_file():
 
 def test_configmap_ref_suite_gets_no_configmap():
     er = evalrun()
-    assert b.build_suite_configmap(er, parsed(er).suite("big")) is None
+    assert b.build_suite_configmap(er, parsed(er), parsed(er).suite("big")) is None
 
 
 def test_token_secret():
@@ -133,7 +133,7 @@ def test_token_secret():
 def test_every_child_is_controlled_by_the_evalrun(kind):
     er = evalrun()
     obj = {
-        "configmap": lambda: b.build_suite_configmap(er, parsed(er).suite("qa-smoke")),
+        "configmap": lambda: b.build_suite_configmap(er, parsed(er), parsed(er).suite("qa-smoke")),
         "secret": lambda: b.build_token_secret(er, "t"),
         "job": lambda: job_for(er),
     }[kind]()
@@ -172,6 +172,7 @@ def test_job_labels_annotations_and_names():
         "evals.workshop.dev/run-id": "0f4c2a9e1b2c-qa-smoke-a2",
         "evals.workshop.dev/parent-run-id": "0f4c2a9e1b2c-qa-smoke-a1",
         "evals.workshop.dev/start-timeout-seconds": "120",  # how long Pending may last (never_started)
+        "evals.workshop.dev/evalrun-name": "nightly",  # in full (a label value is cut at 63)
     }
     assert job["metadata"]["annotations"] == annotations
     assert job["spec"]["template"]["metadata"]["annotations"] == annotations
@@ -179,12 +180,14 @@ def test_job_labels_annotations_and_names():
 
 
 def test_long_evalrun_names_give_valid_labels_and_keep_the_full_name():
-    name = "n" * 100
+    name = "n" * 200
     job = job_for(evalrun(name))
     value = job["metadata"]["labels"][b.LABEL_EVALRUN]
     assert len(value) <= 63 and LABEL_VALUE.match(value)
     assert value == b.selector_labels(name)[b.LABEL_EVALRUN]
     assert job["metadata"]["annotations"][b.ANNOTATION_EVALRUN] == name
+    # The pods carry it too: a runner that dies before opening its row is traced to its EvalRun by its pod.
+    assert job["spec"]["template"]["metadata"]["annotations"][b.ANNOTATION_EVALRUN] == name
 
 
 def test_job_never_retries_by_itself_and_never_restarts():
@@ -294,6 +297,6 @@ def test_builders_do_not_touch_their_input():
     er = evalrun()
     before = copy.deepcopy(er)
     job_for(er, attempt=3, parent="p")
-    b.build_suite_configmap(er, parsed(er).suite("qa-smoke"))
+    b.build_suite_configmap(er, parsed(er), parsed(er).suite("qa-smoke"))
     b.build_token_secret(er, "t")
     assert er == before

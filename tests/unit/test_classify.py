@@ -143,19 +143,19 @@ def test_signal_9_is_killed():
     assert classify(pod("Failed", terminated(0, "Error", signal=9))).cause is Cause.KILLED
 
 
-@pytest.mark.parametrize(("code", "fragment"), [(1, "code 1 (Error)"), (2, "code 2"), (143, "signal SIGTERM")])
+@pytest.mark.parametrize(("code", "fragment"), [(1, "code 1 (Error)"), (2, "code 2"), (134, "signal SIGABRT")])
 def test_non_zero_exit_is_error(code, fragment):
     death = classify(pod("Failed", terminated(code)))
     assert death.cause is Cause.ERROR_EXIT
     assert death.cause.value == "error"
     assert fragment in death.reason
-    assert not death.clean_exit
+    assert death.exit_code == code
 
 
 def test_clean_exit_is_a_death_only_if_the_row_is_still_running():
     death = classify(pod("Succeeded", terminated(0, "Completed")))
     assert death.cause is Cause.ERROR_EXIT
-    assert death.clean_exit and death.terminal
+    assert death.exit_code == 0 and death.terminal
     assert "exited 0 without closing its run" in death.reason
 
 
@@ -228,11 +228,48 @@ def test_runner_killed_by_the_deletion_is_pod_deleted_not_killed():
     assert classify(p, deleted=True).cause is Cause.POD_DELETED
 
 
+def forcibly_deleted(p: dict[str, Any], ago_s: float) -> dict[str, Any]:
+    """The pod as its last (DELETED) event shows it: the kubelet's final delete with grace 0 moved
+    deletionTimestamp to its own time and the grace period to 0, hiding when the deletion was asked for."""
+    p["metadata"]["deletionTimestamp"] = ts(ago_s)
+    p["metadata"]["deletionGracePeriodSeconds"] = 0
+    return p
+
+
+@pytest.mark.parametrize("code", [143, 137])
+def test_runner_stopped_by_a_deletion_is_pod_deleted_in_the_last_event_too(code):
+    # kubectl delete pod: SIGTERM (the runner exits 143, or is SIGKILLed at the end of the grace
+    # period), then the kubelet removes the object. A controller that sees only the DELETED event
+    # (kopf keeps the latest event of a busy object) must still call it a deletion, never an error.
+    p = forcibly_deleted(pod("Failed", terminated(code, finished_ago_s=1.2)), ago_s=1)
+    death = classify(p, deleted=True)
+    assert death.cause is Cause.POD_DELETED, death
+    assert death.terminal
+
+
+def test_a_runner_stopped_in_the_second_its_deletion_was_asked_for_died_of_it():
+    # API timestamps have one-second resolution: asked at 10.2 s, exited (SIGTERM) at 10.8 s, both read "10".
+    p = pod("Failed", terminated(143, finished_ago_s=40), deletion_ago_s=40)
+    assert classify(p, deleted=True).cause is Cause.POD_DELETED
+    # A runner that exited by itself in that second finished first.
+    p = pod("Failed", terminated(1, finished_ago_s=40), deletion_ago_s=40)
+    assert classify(p, deleted=True).cause is Cause.ERROR_EXIT
+
+
+def test_sigterm_exit_without_a_deletion_is_a_shutdown_not_an_error():
+    death = classify(pod("Failed", terminated(143)))
+    assert death.cause is Cause.SHUTDOWN_REQUESTED
+    assert "SIGTERM" in death.reason
+
+
 def test_pod_deleted_after_its_runner_died_keeps_the_exit_cause():
     # the runner failed 60 s ago; a TTL or GC deletion came later
     p = pod("Failed", terminated(137, finished_ago_s=60), deletion_ago_s=5)
     assert classify(p, deleted=True).cause is Cause.KILLED
     p = pod("Failed", terminated(1, finished_ago_s=60))
+    assert classify(p, deleted=True).cause is Cause.ERROR_EXIT
+    # force-deleted long after the runner exited by itself: still the exit's cause
+    p = forcibly_deleted(pod("Failed", terminated(1, finished_ago_s=60)), ago_s=1)
     assert classify(p, deleted=True).cause is Cause.ERROR_EXIT
 
 

@@ -48,7 +48,8 @@ app.kubernetes.io/component: controller
   verbs: ["get", "list", "watch", "delete"] # watch runner pods; delete a replaced run's pod
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["get", "create", "delete"]       # one Job per suite attempt; delete a never-started one
+  verbs: ["get", "list", "watch", "create", "delete"]  # a Job per suite attempt; watched (a finished Job
+                                         # with no row), listed per suite (the lock), deleted (replaced, never started)
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["get", "create"]                 # inline suites; get to adopt its own after a restart

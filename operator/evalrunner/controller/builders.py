@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from ..crd import API_VERSION, KIND
-from ..models import EvalRunSpec, EvalRunSuite, LockPolicy, Suite
+from ..models import EvalRunSpec, EvalRunSuite, Suite
 
 MAX_NAME = 63  # a Job name is also a pod label value
 HASH_LEN = 8
@@ -37,7 +37,7 @@ LABEL_ATTEMPT = "evals.workshop.dev/attempt"
 ANNOTATION_RUN_ID = "evals.workshop.dev/run-id"
 ANNOTATION_PARENT_RUN_ID = "evals.workshop.dev/parent-run-id"
 ANNOTATION_START_TIMEOUT = "evals.workshop.dev/start-timeout-seconds"  # for never_started
-ANNOTATION_EVALRUN = "evals.workshop.dev/evalrun-name"  # in full, when the label had to be shortened
+ANNOTATION_EVALRUN = "evals.workshop.dev/evalrun-name"  # in full: the label value is cut at 63 characters
 APP = "evalrunner"
 MANAGER = "evalrunner-controller"
 
@@ -141,14 +141,6 @@ def active_deadline_seconds(case_timeout_s: float, case_count: int, grace_s: flo
     return max(1, math.ceil(case_timeout_s * case_count + grace_s))
 
 
-def lock_policy_for(evalrun: dict[str, Any], suite: EvalRunSuite) -> LockPolicy:
-    """The suite's concurrencyPolicy, else the EvalRun's, else the default."""
-    if suite.concurrency_policy is not None:
-        return suite.concurrency_policy
-    default = EvalRunSpec.model_fields["concurrency_policy"].default
-    return LockPolicy(evalrun.get("spec", {}).get("concurrencyPolicy") or default)
-
-
 def suite_file_text(suite: Suite) -> str:
     """The suite as a suite file (snake_case, defaults left out), as `evalrunner run` reads it."""
     data = suite.model_dump(mode="json", exclude_defaults=True)
@@ -162,18 +154,20 @@ def _metadata(evalrun: dict[str, Any], name: str, labels: dict[str, str]) -> dic
         "namespace": meta["namespace"],
         "labels": labels,
         "ownerReferences": [owner_reference(evalrun)],
+        "annotations": {ANNOTATION_EVALRUN: meta["name"]},
     }
-    if fit_name(meta["name"]) != meta["name"]:
-        out["annotations"] = {ANNOTATION_EVALRUN: meta["name"]}
     return out
 
 
-def build_suite_configmap(evalrun: dict[str, Any], suite: EvalRunSuite) -> dict[str, Any] | None:
-    """The ConfigMap holding an inline suite's file; None for a configMapRef suite (its Job mounts that one)."""
+def build_suite_configmap(evalrun: dict[str, Any], spec: EvalRunSpec, suite: EvalRunSuite) -> dict[str, Any] | None:
+    """The ConfigMap holding an inline suite's file; None for a configMapRef suite (its Job mounts that one).
+
+    The file names the suite's concurrencyPolicy so that its runs record it; the controller alone applies it.
+    """
     if not suite.is_inline:
         return None
     name = evalrun["metadata"]["name"]
-    text = suite_file_text(suite.to_suite(lock_policy_for(evalrun, suite)))
+    text = suite_file_text(suite.to_suite(spec.policy_for(suite)))
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -289,7 +283,9 @@ def build_job(
     names = object_names(meta["name"], suite.name, attempt)
     run_id = run_id_for(meta["uid"], suite.name, attempt)
     labels = object_labels(meta["name"], suite.name, attempt)
-    annotations = {ANNOTATION_RUN_ID: run_id, ANNOTATION_START_TIMEOUT: str(spec.start_timeout_seconds)}
+    # On the Job and on its pods: a pod alone must name its run and its EvalRun (children.RunnerPod).
+    annotations = {ANNOTATION_RUN_ID: run_id, ANNOTATION_START_TIMEOUT: str(spec.start_timeout_seconds),
+                   ANNOTATION_EVALRUN: meta["name"]}
     if parent_run_id:
         annotations[ANNOTATION_PARENT_RUN_ID] = parent_run_id
     configmap, key = _suite_source(evalrun, suite)

@@ -23,9 +23,15 @@ The order of the checks is the precedence when a pod shows several signs:
 4. the node: NotReady/Unknown, or gone, while the pod has not finished
    -> node_lost.
 5. deletion (`deletionTimestamp`, or the DELETED watch event) of a pod whose
-   runner had not already finished -> pod_deleted.
-6. the runner's exit: 137 or signal 9 -> killed; other non-zero -> error.
-   Exit 0 also yields a Death (cause error, `clean_exit` true): the runner
+   runner had not already finished -> pod_deleted. A runner that exited by a
+   signal (SIGTERM, or SIGKILL at the end of the grace period) died of the
+   deletion unless it surely exited first: on a pod whose grace period reads
+   0 the kubelet's final, forced delete moved `deletionTimestamp` to its own
+   time, and within the second of the request the one-second timestamps
+   cannot tell.
+6. the runner's exit: 137 or signal 9 -> killed; 143 or signal 15 (asked to
+   stop, by no deletion we saw) -> shutdown_requested; other non-zero -> error.
+   Exit 0 also yields a Death (cause error, `exit_code` 0): the runner
    closes its run before it exits 0, so if the row is still `running` the
    runner's final write was lost; the controller completes the row from
    `summary` when there is one, and otherwise fails it with this cause.
@@ -48,6 +54,7 @@ from ..summary import RunSummary
 from .builders import CONTAINER_NAME
 
 SIGKILL_EXIT = 137
+SIGTERM_EXIT = 143
 FINISHED_PHASES = ("Succeeded", "Failed")
 # Waiting reasons that do not resolve by themselves (a slow pull shows
 # ContainerCreating, which may legitimately last).
@@ -84,10 +91,6 @@ class Death:
     terminal: bool
     summary: RunSummary | None = None
     exit_code: int | None = None
-
-    @property
-    def clean_exit(self) -> bool:
-        return self.exit_code == 0
 
 
 def classify_pod_death(
@@ -287,9 +290,21 @@ def _finished_before_deletion(pod: Obj, terminated: Obj) -> bool:
     if deletion is None:
         # A DELETED event without a deletion time: the runner's exit is all we know.
         return (pod.get("status") or {}).get("phase") in FINISHED_PHASES
+    grace = meta.get("deletionGracePeriodSeconds") or 0
     finished_at = parse_time(terminated.get("finishedAt"))
-    requested = deletion - timedelta(seconds=meta.get("deletionGracePeriodSeconds") or 0)
-    return finished_at is not None and finished_at <= requested
+    requested = deletion - timedelta(seconds=grace)
+    if finished_at is None:
+        return False
+    if _stopped_by_signal(terminated):
+        # Stopped by a signal: the deletion's doing unless it surely came first. Not on a pod whose
+        # grace reads 0 (the kubelet's final forced delete hides when the deletion was asked for),
+        # nor in the same second as the request (API timestamps have one-second resolution).
+        return grace != 0 and finished_at < requested
+    return finished_at <= requested
+
+
+def _stopped_by_signal(terminated: Obj) -> bool:
+    return terminated.get("exitCode") in (SIGKILL_EXIT, SIGTERM_EXIT) or terminated.get("signal") in (9, 15)
 
 
 def _exit_cause(terminated: Obj) -> tuple[Cause, str]:
@@ -298,6 +313,8 @@ def _exit_cause(terminated: Obj) -> tuple[Cause, str]:
     label = terminated.get("reason") or "Terminated"
     if code == SIGKILL_EXIT or signal == 9:
         return Cause.KILLED, f"runner killed by SIGKILL (exit {code}, {label}), not by the OOM killer"
+    if code == SIGTERM_EXIT or signal == 15:
+        return Cause.SHUTDOWN_REQUESTED, f"runner stopped by SIGTERM (exit {code}, {label})"
     if code == 0:
         return Cause.ERROR_EXIT, "runner exited 0 without closing its run"
     return Cause.ERROR_EXIT, f"runner exited with code {code}{_signal_note(code, signal)} ({label})"

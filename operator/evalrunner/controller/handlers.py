@@ -1,4 +1,4 @@
-"""kopf handlers: thin. Each reads the event and hands it to the Reconciler (in `memo`).
+"""kopf handlers: thin. Each reads the event and hands it to the Controller (in `memo`).
 
 Everything is watched with `on.event` (pods with a label filter), never
 on.create/update: those would write kopf's annotations onto the objects. Handlers are
@@ -35,7 +35,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 @kopf.on.login()
 def login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
     """kopf connects with the same credentials as our own client (kubeconfig or in-cluster)."""
-    cfg = memo.reconciler.kube.api_client.configuration
+    cfg = memo.controller.kube.api_client.configuration
     token = (cfg.api_key or {}).get("authorization") or (cfg.api_key or {}).get("BearerToken")
     if token and token.lower().startswith("bearer "):
         token = token[len("bearer "):]
@@ -55,17 +55,20 @@ def evalrun_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
 
     `on.event` rather than `on.create`: kopf then keeps no progress annotations
     on the object, so the controller writes only the status subresource and a
-    GitOps tool sees no drift. The reconciler is idempotent, so repeats are harmless.
+    GitOps tool sees no drift. Reconciling is idempotent, so repeats are harmless.
     """
-    if event.get("type") == "DELETED":
-        return  # owner references garbage-collect the children; the rows stay in the store
-    memo.reconciler.ensure_evalrun(_plain(event["object"]))
+    memo.controller.on_evalrun_event(_plain(event["object"]), event.get("type"))
 
 
 @kopf.on.event("", "v1", "pods", labels={LABEL_MANAGED_BY: MANAGER})
 def runner_pod_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-    memo.reconciler.on_runner_pod(_plain(event["object"]), event.get("type"))
+    memo.controller.on_runner_pod_event(_plain(event["object"]), event.get("type"))
     memo.health.saw_event()
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={LABEL_MANAGED_BY: MANAGER})
+def runner_job_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    memo.controller.on_runner_job_event(_plain(event["object"]), event.get("type"))
 
 
 def _plain(obj: Any) -> dict[str, Any]:

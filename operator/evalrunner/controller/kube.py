@@ -17,7 +17,7 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from ..crd import GROUP, KIND, VERSION
-from .builders import LABEL_MANAGED_BY, MANAGER, owned_by
+from .builders import LABEL_MANAGED_BY, LABEL_SUITE, MANAGER, owned_by
 
 PLURAL = "evalruns"
 
@@ -79,6 +79,16 @@ class Kube:
         for namespace in namespaces:
             out += [self._plain(p) for p in self.core.list_namespaced_pod(namespace, label_selector=selector).items]
         return out
+
+    def suite_jobs(self, namespace: str, suite: str) -> list[dict[str, Any]]:
+        """Runner Jobs of a suite in a namespace, of every EvalRun (a suite's lock applies per namespace)."""
+        selector = f"{LABEL_MANAGED_BY}={MANAGER},{LABEL_SUITE}={suite}"
+        return [self._plain(j) for j in self.batch.list_namespaced_job(namespace, label_selector=selector).items]
+
+    def job_pods(self, namespace: str, job_name: str) -> list[dict[str, Any]]:
+        """The pods of a Job (the Job controller labels them with its name)."""
+        selector = f"batch.kubernetes.io/job-name={job_name}"
+        return [self._plain(p) for p in self.core.list_namespaced_pod(namespace, label_selector=selector).items]
 
     def delete_job(self, namespace: str, name: str) -> None:
         try:

@@ -156,3 +156,43 @@ def transitions(old: dict[str, Any] | None, new: dict[str, Any]) -> list[tuple[s
         out.append((kind, new["phase"], f"EvalRun {new['phase'].lower()}: {new['passed']} passed, "
                                         f"{new['failed']} failed, {new['errored']} errored"))
     return out
+
+
+def termination_event(closed: RunRow, reason: str | None) -> tuple[str, str, str]:
+    """The `RunTerminated` Event for a run closed on behalf of its dead runner: (type, reason, message)."""
+    how = " (from the runner's summary)" if closed.terminated_by and "summary" in closed.terminated_by else ""
+    kind = "Warning" if closed.status == RunStatus.FAILED.value else "Normal"
+    detail = " ".join(filter(None, (closed.cause, reason)))
+    return kind, "RunTerminated", f"run {closed.id} {closed.status}{how}: {detail}"
+
+
+def status_patch(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any] | None:
+    """The merge patch that turns status `old` into `new`, or None when nothing a reader sees would change.
+
+    A merge patch keeps every key it does not name, so a key that no longer
+    applies (`completedAt` once a suite is added) is sent as null, which
+    removes it. Nulls inside `new` are dropped: the API server prunes them,
+    and an old status without them must compare equal. Lists (suites,
+    conditions) are replaced whole by a merge patch.
+    """
+    old = old or {}
+    wanted = _without_nulls(new)
+    if _comparable(_without_nulls(old)) == _comparable(wanted):
+        return None
+    return {**wanted, **{key: None for key in old.keys() - wanted.keys()}}
+
+
+def _without_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
+
+
+def _comparable(status_obj: dict[str, Any]) -> dict[str, Any]:
+    """Status without the timestamps a rebuild would restate (a condition's lastTransitionTime)."""
+    out = dict(status_obj)
+    out["conditions"] = [{k: v for k, v in c.items() if k != "lastTransitionTime"}
+                         for c in status_obj.get("conditions", [])]
+    return out
