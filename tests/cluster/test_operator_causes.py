@@ -1,6 +1,6 @@
 """Every way a runner pod dies, on the real control plane, each ending in its own classified cause.
 
-One test per cause of issue 4 item 5 (oom_killed, error, pod_deleted,
+One test per cause a runner pod can die of (oom_killed, error, pod_deleted,
 evicted, node_lost, deadline_exceeded, never_started, container_restarted),
 then an operator restart, the runner-summary fallback (runbook case 2),
 retries that resume, and each concurrency policy. Real runner processes are
@@ -227,7 +227,7 @@ def test_container_restart_is_container_restarted(controller, evalruns):
     assert "restartCount=1" in row["error"], row["error"]
 
 
-# ---------------------------------------------------------------- operator restart (item 12)
+# ---------------------------------------------------------------- operator restart
 
 
 def test_runner_killed_while_the_operator_is_down_is_terminated_on_restart(cluster, controller, evalruns, tmp_path):
@@ -255,7 +255,7 @@ def test_runner_killed_while_the_operator_is_down_is_terminated_on_restart(clust
     assert controller.healthy()
 
 
-# ---------------------------------------------------------------- runbook case 2 (item 7)
+# ---------------------------------------------------------------- runbook case 2
 
 
 def test_failed_final_write_is_completed_from_the_runner_summary(controller, evalruns):
@@ -283,7 +283,7 @@ def test_failed_final_write_is_completed_from_the_runner_summary(controller, eva
     assert logged and logged[0]["status"] == "completed" and "runner summary" in logged[0]["terminated_by"]
 
 
-# ---------------------------------------------------------------- retries and concurrency policies (item 8)
+# ---------------------------------------------------------------- retries and concurrency policies
 
 
 def test_retry_resumes_from_the_completed_cases(cluster, controller, evalruns):
@@ -380,3 +380,54 @@ def test_a_stale_row_never_blocks_a_forbid_run(cluster, controller, evalruns):
     assert second["phase"] == "Succeeded", second
     assert (controller.run(first_id)["status"], controller.run(first_id)["cause"]) == ("failed", "killed")
     assert not any(r == "Refused" for r, _ in evalruns.events("second"))
+
+
+# ---------------------------------------------------------------- what a restart must pick up
+
+
+def test_a_pod_deleted_while_pending_with_the_controller_down_gets_a_new_attempt(controller, evalruns):
+    """No row, no pod, a Failed Job: on restart the suite gets its next attempt instead of staying Pending."""
+    evalruns.create(evalrun_manifest("pend", [slow_suite("slow", cases=2, seconds=0.1)], retries=1,
+                                     resources={"requests": {"memory": "1000Gi"}}))  # unschedulable: Pending
+    pod = evalruns.any_pod("pend", "slow")
+    run_id = pod.metadata.annotations[RUN_ID]
+    controller.stop()
+    evalruns.core.delete_namespaced_pod(pod.metadata.name, evalruns.namespace)
+    wait_for("the Job to count the vanished pod as failed", lambda: any(
+        c.type == "Failed" and c.status == "True" for c in (evalruns.job("pend-slow-1").status.conditions or [])),
+        timeout=30)
+
+    controller.start()
+    row = wait_for("the vanished attempt's row", lambda: controller.run(run_id), timeout=20, interval=0.1)
+    assert (row["status"], row["cause"]) == ("failed", "pod_deleted"), row
+    wait_for("attempt 2's Job", lambda: evalruns.job("pend-slow-2"), timeout=20)
+    entry = wait_for("the status to show attempt 1's cause",
+                     lambda: (s := evalruns.suite("pend", "slow")).get("cause") == "pod_deleted" and s, timeout=20)
+    assert entry["phase"] == "Running", entry  # retrying (attempt 2 is unschedulable too, and still Pending)
+
+
+def test_status_keeps_no_stale_field_and_is_not_rewritten_when_nothing_changed(controller, evalruns):
+    evalruns.create(evalrun_manifest("tidy", [slow_suite("first", cases=2, seconds=0.1)]))
+    assert evalruns.wait_phase("tidy", ("Succeeded", "Failed"))["phase"] == "Succeeded"
+    assert "completedAt" in evalruns.status("tidy")
+
+    def patches() -> int:
+        return sum(1 for e in controller.events("controller.status_patched") if e["evalrun"].endswith("/tidy"))
+
+    settled = wait_for("the status to settle", lambda: (n := patches()) == patches() and n, timeout=10)
+    for i in range(3):  # events that change nothing the status says: no patch
+        evalruns.custom.patch_namespaced_custom_object(
+            "evals.workshop.dev", "v1alpha1", evalruns.namespace, "evalruns", "tidy",
+            {"metadata": {"annotations": {"touched": str(i)}}})
+    time.sleep(2)  # several refresh rounds
+    assert patches() == settled, "a patch that changes nothing was sent"
+
+    body = evalruns.get("tidy")
+    body["spec"]["suites"].append(slow_suite("added", cases=2, seconds=0.1))
+    evalruns.custom.replace_namespaced_custom_object(
+        "evals.workshop.dev", "v1alpha1", evalruns.namespace, "evalruns", "tidy", body)
+    running = wait_for("the added suite to reopen the EvalRun",
+                       lambda: (st := evalruns.status("tidy")).get("observedGeneration") == 2 and st, timeout=20)
+    assert running["phase"] in ("Pending", "Running") and "completedAt" not in running, running
+    done = evalruns.wait_phase("tidy", ("Succeeded", "Failed"))
+    assert done["phase"] == "Succeeded" and done["progress"] == "2/2", done
