@@ -1,9 +1,11 @@
 """The `evalrunner` command.
 
 Exit codes:
-  0  the run completed and every case passed (other commands: success)
-  1  a case failed or errored, or the run was terminated; `verify`/`doctor` found a problem
-  2  bad input: a malformed suite file, an unknown run id, bad arguments
+  0  the run completed and every case passed (other commands: success; `compare`: no regression)
+  1  a case failed or errored, or the run was terminated; `verify`/`doctor` found a problem;
+     `compare` found a regression (a case that passed in the first run does not in the second)
+  2  bad input: a malformed suite file, an unknown or ambiguous run id, bad arguments;
+     `compare` given a run that is still running
   3  the run could not be recorded: the database is locked, unwritable or full,
      or the final status write failed (the row is closed by the next command)
   4  refused by the suite's lock policy (Forbid): another run of the suite is live
@@ -20,13 +22,14 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from . import __version__, admission, doctor, log, recovery, report, summary
+# Imported here: what every local command needs. The store service, the controller, the HTTP
+# store client and the doctor are imported by their commands, so `run` and `runs` start fast.
+from . import __version__, admission, log, recovery, report, summary
 from .models import RunStatus
 from .runner import ResumeError, RunOptions, RunResult, StatusWriteFailed, run_suite
 from .timing import DEADLINE_GRACE_S, HEARTBEAT_LEASE_S, SCAN_INTERVAL_S, SHUTDOWN_DEFER_S, SWEEP_INTERVAL_S
 from .owner import pod_from_env, this_process
 from .store import DuckDBStore, StoreError
-from .store.http_client import HttpStore
 from .store.duckdb_store import utcnow
 from .store.records import RunRow, StrandedCases
 from .suites import SuiteFileError, load_suite
@@ -57,6 +60,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     with open_store(args) as store:
         store.require_reserve()
         bar = report.ProgressBar(len(suite.cases), enabled=None if args.progress else False)
+        if bar.enabled and args.log_format == "console":
+            # The bar shows every case; a line per case would scroll it away (--log-level debug keeps them).
+            log.configure(args.log_format, args.log_level, quiet=log.PER_CASE_EVENTS)
         options = RunOptions(
             resume_from=resolve_run_id(store, args.resume).id if args.resume else None,
             deadline_grace_s=args.deadline_grace,
@@ -84,6 +90,8 @@ def cmd_run_suite(args: argparse.Namespace) -> int:
     suite = load_suite(args.suite)
     if not args.store_url:
         raise UsageError("run-suite needs --store-url (or EVALRUNNER_STORE_URL)")
+    from .store.http_client import HttpStore
+
     store = HttpStore(args.store_url, os.environ.get("EVALRUNNER_STORE_TOKEN"))
     keep = summary.termination_message_writer(args.termination_log)
     options = RunOptions(
@@ -171,6 +179,20 @@ def cmd_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Compare run A (before) with run B (after), case by case; exit 1 on a regression, so CI can gate on it."""
+    from . import compare
+
+    with open_store(args) as store:
+        a, b = resolve_run_id(store, args.run_a), resolve_run_id(store, args.run_b)
+        refused = compare.refusal(a, b)
+        if refused:
+            raise UsageError(refused)
+        result = compare.read_comparison(store, a, b)
+    print(compare.render(result, args.format, list_unchanged=args.all), end="" if args.format == "markdown" else "\n")
+    return EXIT_FAILED if result.regressions else EXIT_OK
+
+
 def cmd_recover(args: argparse.Namespace) -> int:
     with open_store(args) as store:
         run = resolve_run_id(store, args.run_id)
@@ -243,6 +265,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
+    from . import doctor
+
     checks = doctor.diagnose(args.db)
     for check in checks:
         print(f"{'ok  ' if check.ok else 'FAIL'}  {check.name}: {check.detail}")
@@ -365,6 +389,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("show", cmd_show, "show one run with its cases and attempts")
     p.add_argument("run_id", metavar="RUN_ID", help="run id or a unique prefix")
     p.add_argument("--json", action="store_true")
+
+    p = add("compare", cmd_compare, "compare two runs case by case; exit 1 if a case that passed in A does not in B")
+    p.add_argument("run_a", metavar="RUN_A", help="the run before: run id or a unique prefix")
+    p.add_argument("run_b", metavar="RUN_B", help="the run after: run id or a unique prefix")
+    p.add_argument("--format", choices=("table", "json", "markdown"), default="table",
+                   help="markdown: for a pull-request comment (default %(default)s)")
+    p.add_argument("--all", action="store_true", help="also list the unchanged cases")
 
     p = add("recover", cmd_recover, "terminate a stuck run (the runbook's manual recovery)")
     p.add_argument("run_id", metavar="RUN_ID")

@@ -18,6 +18,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    ValidationInfo,
     WithJsonSchema,
     field_validator,
     model_validator,
@@ -89,6 +90,10 @@ class PythonTarget(Frozen):
     callable: str = Field(pattern=CALLABLE_PATTERN, description="Import path, `module:function`.")
 
 
+DEFAULT_HTTP_RETRIES = 3
+MAX_HTTP_RETRIES = 10
+
+
 class HttpTarget(Frozen):
     """POST the case input to an HTTP JSON endpoint."""
 
@@ -107,6 +112,29 @@ class HttpTarget(Frozen):
     )
     headers: dict[str, str] = Field(default_factory=dict, description="Extra HTTP request headers.")
     output_field: str = Field(default="output", description="Reply field read by the `json` format.")
+    usage_field: str = Field(
+        default="usage",
+        description="Reply field holding token usage (`prompt_tokens`, `completion_tokens`, `total_tokens`), "
+        "in both formats. Default: usage, as in OpenAI's replies.",
+    )
+    max_retries: int = Field(
+        default=DEFAULT_HTTP_RETRIES,
+        ge=0,
+        le=MAX_HTTP_RETRIES,
+        description="Retries of a call answered with HTTP 408, 429 or 5xx or cut off by a connection error, after "
+        "exponential backoff with jitter or the reply's Retry-After, within the case's timeout. Default: 3.",
+    )
+    requests_per_minute: int | None = Field(
+        default=None, ge=1, description="At most this many requests per minute over all cases of a run (retries "
+        "included). Default: no limit.",
+    )
+    tokens_per_minute: int | None = Field(
+        default=None, ge=1, description="At most this many tokens per minute over all cases of a run, as the "
+        "replies' usage counts them (estimated before each call, settled after). Default: no limit.",
+    )
+
+    def __hash__(self) -> int:  # `headers` is a dict; a judge's Scorer, which holds this, is a dict key
+        return hash(self.model_dump_json())
 
 
 class CommandTarget(Frozen):
@@ -152,7 +180,9 @@ class Target(Frozen):
 
 # ---------------------------------------------------------------- scorers
 
-ScorerName = Literal["exact", "contains", "regex", "json_equal", "numeric", "custom"]
+ScorerName = Literal["exact", "contains", "regex", "json_equal", "numeric", "custom", "judge"]
+# A rubric is a prompt, not a document; the bound keeps EvalRun objects small.
+MAX_RUBRIC_CHARS = 20_000
 
 
 class Scorer(Frozen):
@@ -164,7 +194,7 @@ class Scorer(Frozen):
     one type.
     """
 
-    # The API server's twin of `_custom_needs_callable`, for the EvalRun CRD.
+    # The API server's twins of `_needs_its_own_fields`, for the EvalRun CRD.
     model_config = ConfigDict(
         json_schema_extra={
             "x-kubernetes-validations": [
@@ -172,13 +202,18 @@ class Scorer(Frozen):
                     "rule": "(self.name == 'custom') == has(self.callable)",
                     "message": "the custom scorer needs `callable: module:function`, "
                     "and only the custom scorer takes one",
-                }
+                },
+                {
+                    "rule": "(self.name == 'judge') == has(self.http)",
+                    "message": "the judge scorer needs `http` (the model that grades), and only the judge scorer "
+                    "takes one",
+                },
             ]
         }
     )
 
     name: ScorerName = Field(
-        description="exact, contains, regex, json_equal, numeric, or custom (with `callable`).",
+        description="exact, contains, regex, json_equal, numeric, custom (with `callable`) or judge (with `http`).",
         # Bounds the CEL rule above in the API server's cost estimate.
         json_schema_extra={"maxLength": 16},
     )
@@ -191,6 +226,27 @@ class Scorer(Frozen):
         pattern=CALLABLE_PATTERN,
         description="custom: `module:function(output, expected, case)` returning bool, float or (bool, float).",
     )
+    http: HttpTarget | None = Field(
+        default=None,
+        description="judge: the model that grades, called like an http target (url, model, api_key_env, format, "
+        "retries, rate limits of its own).",
+    )
+    rubric: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_RUBRIC_CHARS,
+        description="judge: the prompt; {input}, {output} and {expected} are replaced by the case's. It must ask "
+        "for a reply with `SCORE: <number>`, a bare number or JSON {\"score\": <number>}. Default: a rubric "
+        "grading the output against expected from 0 to 1.",
+    )
+    max_score: float = Field(
+        default=1.0, gt=0, description="judge: the top of the rubric's scale (10 for 0 to 10); scores are divided "
+        "by it. Default: 1.",
+    )
+    threshold: float = Field(
+        default=0.5, ge=0, le=1, description="judge: the case passes at this score or above, on the 0 to 1 scale. "
+        "Default: 0.5.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -200,11 +256,17 @@ class Scorer(Frozen):
         return value
 
     @model_validator(mode="after")
-    def _custom_needs_callable(self) -> Scorer:
+    def _needs_its_own_fields(self) -> Scorer:
         if self.name == "custom" and not self.callable:
             raise ValueError("the custom scorer needs `callable: module:function`")
         if self.name != "custom" and self.callable:
             raise ValueError(f"`callable` only applies to the custom scorer, not `{self.name}`")
+        if self.name == "judge" and self.http is None:
+            raise ValueError("the judge scorer needs `http: {url: ...}`, the model that grades")
+        if self.name != "judge" and self.http is not None:
+            raise ValueError(f"`http` only applies to the judge scorer, not `{self.name}`")
+        if self.rubric is not None and "{output}" not in self.rubric:
+            raise ValueError("a judge rubric needs the placeholder {output}, or the judge never sees the output")
         return self
 
 
@@ -223,6 +285,46 @@ class Case(Frozen):
     metadata: dict[str, Any] = Field(default_factory=dict, description="Free-form data kept with the case.")
 
 
+DatasetFormat = Literal["jsonl", "csv", "parquet"]
+ColumnName = Annotated[str, Field(min_length=1, max_length=256)]
+MAX_METADATA_COLUMNS = 64
+
+
+class DatasetColumns(Frozen):
+    """Which columns of a dataset file make a case: the part a suite file and an EvalRun share."""
+
+    format: DatasetFormat | None = Field(
+        default=None,
+        description="jsonl, csv or parquet. Default: from the file name's extension (.jsonl or .ndjson, .csv, "
+        ".parquet; gzipped .jsonl.gz and .csv.gz too).",
+    )
+    id: ColumnName | None = Field(
+        default=None,
+        description="Column of case ids. Default: the `id` column if the file has one, else the row number "
+        "(`row-1`, `row-2`, ...).",
+    )
+    input: ColumnName = Field(default="input", description="Column of case inputs. Default: input.")
+    expected: ColumnName | None = Field(
+        default=None,
+        description="Column of expected outputs. Default: the `expected` column if the file has one, else none.",
+    )
+    metadata: list[ColumnName] = Field(
+        default_factory=list,
+        max_length=MAX_METADATA_COLUMNS,
+        description="Columns kept as each case's metadata, under their own names.",
+    )
+
+    def columns(self) -> dict[str, Any]:
+        """The column mapping alone, to carry over to another kind of dataset."""
+        return {name: getattr(self, name) for name in DatasetColumns.model_fields}
+
+
+class Dataset(DatasetColumns):
+    """A file of cases, one per row: JSON Lines, CSV or Parquet, read with DuckDB."""
+
+    path: str = Field(min_length=1, description="The file; a relative path is relative to the suite file's folder.")
+
+
 class Suite(Frozen):
     """A named list of cases, run against one target and scored."""
 
@@ -238,7 +340,30 @@ class Suite(Frozen):
     scorer: Scorer = Field(
         default_factory=lambda: Scorer(name="exact"), description="Default scorer for cases without their own."
     )
-    cases: list[Case] = Field(min_length=1, description="The cases; ids unique within the suite.")
+    # Declared before `cases`, whose validator reads it.
+    dataset: Dataset | None = Field(default=None, description="Read the cases from a file instead of `cases`.")
+    cases: list[Case] = Field(
+        default=None,
+        validate_default=True,
+        description="The cases; ids unique within the suite. With a `dataset`, the file's rows once loaded "
+        "(`suites.load_suite`).",
+    )
+
+    @field_validator("cases", mode="before")
+    @classmethod
+    def _cases_or_dataset(cls, cases: Any, info: ValidationInfo) -> Any:
+        if "dataset" not in info.data:
+            return cases or []  # the dataset itself is invalid: that error is enough
+        has_dataset = info.data["dataset"] is not None
+        if cases is None:
+            if has_dataset:
+                return []  # read from the file by the loader
+            raise ValueError("required field is missing: list the cases, or read them from a `dataset`")
+        if has_dataset:
+            raise ValueError("take the cases from `cases` or from `dataset`, not both")
+        if isinstance(cases, list) and not cases:
+            raise ValueError("needs at least 1 item (or read the cases from a `dataset`)")
+        return cases
 
     @field_validator("cases")
     @classmethod
@@ -281,6 +406,7 @@ MAX_SUITES = 50
 MAX_INLINE_CASES = 10_000
 # Suite-level fields that a configMapRef suite takes from the referenced file.
 INLINE_ONLY_FIELDS = ("description", "timeout_seconds", "concurrency", "target", "scorer", "cases")
+EXACTLY_ONE_SOURCE = "a suite needs exactly one of `cases` or `dataset` (an inline suite) or `configMapRef`"
 
 
 def duplicates(names: list[str]) -> list[str]:
@@ -350,8 +476,87 @@ class ConfigMapSuiteRef(Frozen):
     )
 
 
+# A path inside a volume: relative, with no `.` or `..` segment, so it stays inside the volume.
+VOLUME_PATH_SEGMENT = r"(?:[^/.][^/]*|\.[^/.][^/]*|\.\.[^/]+)"
+VOLUME_PATH_PATTERN = rf"^{VOLUME_PATH_SEGMENT}(?:/{VOLUME_PATH_SEGMENT})*$"
+EXACTLY_ONE_DATASET_SOURCE = "a dataset needs exactly one of `configMapRef`, `persistentVolumeClaim` or `imagePath`"
+CONFIGMAP_LIMIT_NOTE = (
+    "A ConfigMap holds at most 1 MiB; larger files belong on a PersistentVolumeClaim or in the image."
+)
+
+
+class ConfigMapDatasetRef(Frozen):
+    """A dataset file kept under a key of a ConfigMap in the EvalRun's namespace."""
+
+    name: str = Field(max_length=253, pattern=DNS_SUBDOMAIN_PATTERN, description="ConfigMap name.")
+    key: str = Field(
+        max_length=253,
+        pattern=CONFIGMAP_KEY_PATTERN,
+        description="Key holding the file (a binary Parquet file is under binaryData). Its extension tells the "
+        "format unless `format` is set.",
+    )
+
+
+class VolumeDatasetRef(Frozen):
+    """A dataset file on a PersistentVolumeClaim in the EvalRun's namespace."""
+
+    claim_name: str = Field(max_length=253, pattern=DNS_SUBDOMAIN_PATTERN, description="PersistentVolumeClaim name.")
+    path: str = Field(
+        max_length=4096,
+        pattern=VOLUME_PATH_PATTERN,
+        description="Path of the file inside the volume, e.g. qa/cases.parquet (relative, no `..`).",
+    )
+
+
+class EvalRunDataset(DatasetColumns):
+    """Where an inline suite's dataset file is (exactly one source), and which of its columns make a case.
+
+    The runner pod mounts the ConfigMap or the claim read-only; an image path needs no mount.
+    """
+
+    # The API server's twin of `_exactly_one_source`, for the EvalRun CRD.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "(has(self.configMapRef) ? 1 : 0) + (has(self.persistentVolumeClaim) ? 1 : 0) "
+                    "+ (has(self.imagePath) ? 1 : 0) == 1",
+                    "message": EXACTLY_ONE_DATASET_SOURCE,
+                }
+            ]
+        }
+    )
+
+    config_map_ref: ConfigMapDatasetRef | None = Field(
+        default=None, description=f"The file under a key of a ConfigMap. {CONFIGMAP_LIMIT_NOTE}"
+    )
+    persistent_volume_claim: VolumeDatasetRef | None = Field(
+        default=None,
+        description="The file on a PersistentVolumeClaim, mounted read-only (its access mode must let the runner "
+        "pod's node mount it: ReadOnlyMany, ReadWriteMany, or ReadWriteOnce on that node).",
+    )
+    image_path: str | None = Field(
+        default=None,
+        max_length=4096,
+        pattern=r"^/",
+        description="An absolute path in the runner image, e.g. /opt/evalrunner/examples/suites/qa.jsonl.",
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> EvalRunDataset:
+        chosen = [to_camel(f) for f in ("config_map_ref", "persistent_volume_claim", "image_path")
+                  if getattr(self, f) is not None]
+        if len(chosen) != 1:
+            raise ValueError(EXACTLY_ONE_DATASET_SOURCE + (f" (got {', '.join(chosen)})" if chosen else ""))
+        return self
+
+    def to_dataset(self, path: str) -> Dataset:
+        """The suite file's `dataset`, once the file is at `path` in the runner pod."""
+        return Dataset(path=path, **self.columns())
+
+
 class EvalRunSuite(Frozen):
-    """One suite of an EvalRun: inline (`target` and `cases`) or by `configMapRef`.
+    """One suite of an EvalRun: inline (`target`, and `cases` or a `dataset`) or by `configMapRef`.
 
     Each suite runs as its own Job. A configMapRef suite takes everything but
     its name and concurrency policy from the referenced suite file.
@@ -361,11 +566,12 @@ class EvalRunSuite(Frozen):
         json_schema_extra={
             "x-kubernetes-validations": [
                 {
-                    "rule": "has(self.cases) != has(self.configMapRef)",
-                    "message": "a suite needs exactly one of `cases` (an inline suite) or `configMapRef`",
+                    "rule": "(has(self.cases) ? 1 : 0) + (has(self.dataset) ? 1 : 0) "
+                    "+ (has(self.configMapRef) ? 1 : 0) == 1",
+                    "message": EXACTLY_ONE_SOURCE,
                 },
                 {
-                    "rule": "!has(self.cases) || has(self.configMapRef) || has(self.target)",
+                    "rule": "!(has(self.cases) || has(self.dataset)) || has(self.target)",
                     "message": "an inline suite needs a `target`",
                 },
                 {
@@ -400,8 +606,14 @@ class EvalRunSuite(Frozen):
         default=None,
         min_length=1,
         max_length=MAX_INLINE_CASES,
-        description="Inline suites: the cases, ids unique. Large suites belong in a ConfigMap (`configMapRef`).",
+        description="Inline suites: the cases, ids unique. Large suites belong in a `dataset` (or a ConfigMap, "
+        "`configMapRef`).",
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["id"]},
+    )
+    dataset: EvalRunDataset | None = Field(
+        default=None,
+        description="Inline suites: read the cases from a JSON Lines, CSV or Parquet file (in a ConfigMap, on a "
+        "PersistentVolumeClaim or in the image) instead of `cases`.",
     )
     config_map_ref: ConfigMapSuiteRef | None = Field(
         default=None, description="Run the suite file in this ConfigMap instead of inline cases."
@@ -421,9 +633,9 @@ class EvalRunSuite(Frozen):
 
     @model_validator(mode="after")
     def _inline_or_reference(self) -> EvalRunSuite:
-        if (self.cases is None) == (self.config_map_ref is None):
-            raise ValueError("a suite needs exactly one of `cases` (an inline suite) or `configMapRef`")
-        if self.cases is not None and self.target is None:
+        if [self.cases, self.dataset, self.config_map_ref].count(None) != 2:
+            raise ValueError(EXACTLY_ONE_SOURCE)
+        if self.is_inline and self.target is None:
             raise ValueError("an inline suite needs a `target`")
         if self.config_map_ref is not None:
             extra = [to_camel(f) for f in INLINE_ONLY_FIELDS if f != "cases" and getattr(self, f) is not None]
@@ -435,13 +647,20 @@ class EvalRunSuite(Frozen):
 
     @property
     def is_inline(self) -> bool:
-        return self.cases is not None
+        return self.config_map_ref is None
 
-    def to_suite(self, lock_policy: LockPolicy) -> Suite:
-        """The suite file an inline suite stands for (what the runner loads)."""
+    def to_suite(self, lock_policy: LockPolicy, dataset_path: str | None = None) -> Suite:
+        """The suite file an inline suite stands for (what the runner loads).
+
+        A dataset suite's file names its dataset at `dataset_path`, where the runner pod finds it.
+        """
         if not self.is_inline:
             raise ValueError(f"suite {self.name!r} is a configMapRef suite; its file lives in the ConfigMap")
         fields = {f: getattr(self, f) for f in INLINE_ONLY_FIELDS if getattr(self, f) is not None}
+        if self.dataset is not None:
+            if dataset_path is None:
+                raise ValueError(f"suite {self.name!r} reads a dataset: pass the path its runner pod reads it at")
+            fields["dataset"] = self.dataset.to_dataset(dataset_path)
         return Suite(name=self.name, lock_policy=lock_policy, **fields)
 
 

@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import Any, Sequence, TextIO
 
 from .store.records import CaseRow, RunRow
+from .usage import NONE, Usage
 
 
 class ProgressBar:
@@ -94,13 +95,47 @@ def _cell(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def run_tokens(run: RunRow, cases: Sequence[CaseRow]) -> Usage:
+    """The run's token totals; while it runs, the sum of its case rows so far (carried-over ones excluded)."""
+    if run.status != "running":
+        return Usage(run.prompt_tokens, run.completion_tokens, run.total_tokens)
+    return sum((Usage(c.prompt_tokens, c.completion_tokens, c.total_tokens) for c in cases if not c.carried_from),
+               NONE)
+
+
+def tokens_text(usage: Usage) -> str | None:
+    """`1,234 tokens (1,000 prompt, 234 completion)`; None when no call reported usage."""
+    if usage == NONE:
+        return None
+    parts = [f"{n:,} {kind}" for n, kind in ((usage.prompt_tokens, "prompt"), (usage.completion_tokens, "completion"))
+             if n is not None]
+    total = f"{usage.total_tokens:,} tokens" if usage.total_tokens is not None else "tokens"
+    return total + (f" ({', '.join(parts)})" if parts else "")
+
+
+# A table of every case helps for a dozen; for ten thousand, the ones that did not pass are what to read.
+CASE_TABLE_LIMIT = 50
+
+
 def run_summary_text(run: RunRow, cases: Sequence[CaseRow]) -> str:
+    shown = list(cases)
+    if len(shown) > CASE_TABLE_LIMIT:
+        shown = [c for c in cases if verdict(c) != "pass"][:CASE_TABLE_LIMIT]
+    with_tokens = any(c.total_tokens is not None for c in shown)  # a column only where a model reported usage
     rows = [
         (c.name, verdict(c), c.score, None if c.duration_ms is None else f"{c.duration_ms:.0f}ms",
+         *((c.total_tokens,) if with_tokens else ()),
          c.error or c.detail or ("carried over" if c.carried_from else None))
-        for c in cases
+        for c in shown
     ]
-    body = table(["case", "result", "score", "time", "detail"], rows)
+    headers = ["case", "result", "score", "time", *(["tokens"] if with_tokens else []), "detail"]
+    body = table(headers, rows) if rows else ""
+    if len(shown) < len(cases):
+        failing = sum(1 for c in cases if verdict(c) != "pass")
+        listed = (f"{len(shown)} of the {failing} that did not pass are listed" if shown
+                  else "every one passed")
+        body += ("\n" if body else "") + (f"{len(cases)} cases: {listed}; `evalrunner show {run.id} --json` "
+                                          "lists them all")
     took = duration_s(run)
     footer = (
         f"run {run.id}  suite {run.suite}  attempt {run.attempt}  status {run.status}"
@@ -108,6 +143,8 @@ def run_summary_text(run: RunRow, cases: Sequence[CaseRow]) -> str:
         + f"\npassed {run.passed or 0}  failed {run.failed or 0}  errored {run.errored or 0}"
         + (f"  in {took:.2f}s" if took is not None else "")
     )
+    if tokens := tokens_text(run_tokens(run, cases)):
+        footer += f"\n{tokens}"
     if run.error and run.status == "failed":
         footer += f"\nerror: {run.error}"
     return f"{body}\n\n{footer}"

@@ -1,10 +1,11 @@
 """Judge a case's output against its `expected` value.
 
-`build_scorer(spec)` returns `score(output, expected, case) -> Score`. A wrong
-output is a failed `Score`, never an exception; `ScorerError` means the suite
-itself is unusable (an invalid regex, a custom scorer returning nonsense).
-Text scorers compare strings; a non-string output or expected is compared as
-its JSON text.
+`build_scorer(spec)` returns `score(output, expected, case) -> Score`, or an
+awaitable of it for the judge (which calls a model: `judge.py`). A wrong
+output is a failed `Score`, never an exception; `ScorerError` means the
+scorer cannot judge (an invalid regex, a custom scorer returning nonsense, a
+judge reply without a score). Text scorers compare strings; a non-string
+output or expected is compared as its JSON text.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +38,9 @@ class Score:
     detail: str | None = None
 
 
-ScoreFn = Callable[[JsonValue, JsonValue, models.Case], Score]
+PASSED = Score(passed=True, score=1.0)
+
+ScoreFn = Callable[[JsonValue, JsonValue, models.Case], "Score | Awaitable[Score]"]
 
 
 def build_scorer(spec: models.Scorer, search_path: Iterable[str] = ()) -> ScoreFn:
@@ -54,7 +57,19 @@ def build_scorer(spec: models.Scorer, search_path: Iterable[str] = ()) -> ScoreF
         return lambda output, expected, case: _numeric(spec, output, expected)
     if spec.name == "custom":
         return _custom(spec, search_path)
+    if spec.name == "judge":
+        from .judge import Judge  # imports aiohttp, as an http target does
+
+        return Judge(spec)
     raise ScorerError(f"unknown scorer {spec.name!r}")
+
+
+async def aclose_all(score_fns: Iterable[ScoreFn]) -> None:
+    """Release what scorers hold (a judge's HTTP session); the others hold nothing."""
+    for fn in set(score_fns):
+        aclose = getattr(fn, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 def check_patterns(suite: models.Suite) -> list[tuple[str, str]]:
@@ -94,14 +109,18 @@ def _exact(spec: models.Scorer, output: JsonValue, expected: JsonValue) -> Score
         got, want = got.strip(), want.strip()
     if not spec.case_sensitive:
         got, want = got.casefold(), want.casefold()
-    return _verdict(got == want, f"expected {_short(want)}, got {_short(got)}")
+    if got == want:  # the common case: no detail to format
+        return PASSED
+    return _verdict(False, f"expected {_short(want)}, got {_short(got)}")
 
 
 def _contains(spec: models.Scorer, output: JsonValue, expected: JsonValue) -> Score:
     got, want = _text(output), _text(expected)
     if not spec.case_sensitive:
         got, want = got.casefold(), want.casefold()
-    return _verdict(want in got, f"{_short(want)} not found in {_short(got)}")
+    if want in got:
+        return PASSED
+    return _verdict(False, f"{_short(want)} not found in {_short(got)}")
 
 
 def _compile(spec: models.Scorer, pattern: JsonValue) -> re.Pattern[str]:

@@ -48,6 +48,9 @@ class CaseResult:
     completed_at: str | None = None
     output: str | None = None
     detail: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
 
     @classmethod
     def from_event(cls, ev: CaseEvent) -> CaseResult:
@@ -56,6 +59,7 @@ class CaseResult:
             round(ev.duration_ms, 2) if ev.duration_ms is not None else None,
             ev.started_at.isoformat() if ev.started_at else None,
             ev.completed_at.isoformat() if ev.completed_at else None, ev.output, ev.detail,
+            ev.prompt_tokens, ev.completion_tokens, ev.total_tokens,
         )
 
     def to_event(self, run_id: str, now: datetime) -> CaseEvent:
@@ -63,6 +67,7 @@ class CaseResult:
             case_row_id(run_id, self.name), run_id, self.name, self.status,
             _timestamp(self.started_at) or now, _timestamp(self.completed_at) or now, self.error, self.cause,
             self.passed, self.score, self.output, self.detail, self.duration_ms,
+            self.prompt_tokens, self.completion_tokens, self.total_tokens,
         )
 
     def verdict_only(self) -> CaseResult:

@@ -20,12 +20,9 @@ import sys
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-import aiohttp
-
 from . import models
 from .models import JsonValue
 
-ERROR_BODY_CHARS = 200
 STDERR_TAIL_CHARS = 500
 KILL_WAIT_SECONDS = 5.0
 
@@ -45,6 +42,8 @@ def build_target(spec: models.Target, search_path: Iterable[str] = ()) -> Invoke
     if spec.python is not None:
         return PythonInvoke(spec.python, search_path)
     if spec.http is not None:
+        from .http_target import HttpInvoke  # imports aiohttp (~130 ms): only runs with an http target pay it
+
         return HttpInvoke(spec.http)
     if spec.command is not None:
         return CommandInvoke(spec.command)
@@ -111,76 +110,7 @@ class PythonInvoke:
         pass
 
 
-# ---------------------------------------------------------------- http
-
-
-class HttpInvoke:
-    """POST each case to an endpoint over one shared session, created on first use
-    so it belongs to the event loop that runs the cases."""
-
-    def __init__(self, spec: models.HttpTarget):
-        self.spec = spec
-        self.session: aiohttp.ClientSession | None = None
-
-    async def __call__(self, input: JsonValue) -> JsonValue:
-        if self.spec.format == "openai-chat":
-            reply = await self._post(self._chat_request(input))
-            try:
-                return reply["choices"][0]["message"]["content"]
-            except (KeyError, IndexError, TypeError):
-                raise TargetError(
-                    f"POST {self.spec.url}: reply has no choices[0].message.content: "
-                    f"{json.dumps(reply)[:ERROR_BODY_CHARS]}"
-                ) from None
-        reply = await self._post({"input": input})
-        if not isinstance(reply, dict) or self.spec.output_field not in reply:
-            raise TargetError(
-                f"POST {self.spec.url}: reply has no field {self.spec.output_field!r}: "
-                f"{json.dumps(reply)[:ERROR_BODY_CHARS]}"
-            )
-        return reply[self.spec.output_field]
-
-    async def aclose(self) -> None:
-        if self.session is not None:
-            await self.session.close()
-            self.session = None
-
-    def _chat_request(self, input: JsonValue) -> dict[str, Any]:
-        messages = []
-        if self.spec.system_prompt:
-            messages.append({"role": "system", "content": self.spec.system_prompt})
-        messages.append({"role": "user", "content": as_text(input)})
-        request: dict[str, Any] = {"messages": messages}
-        if self.spec.model:
-            request["model"] = self.spec.model
-        return request
-
-    def _headers(self) -> dict[str, str]:
-        headers = dict(self.spec.headers)
-        if self.spec.api_key_env:
-            # Read per call so a rotated key is picked up; the key never enters a message.
-            key = os.environ.get(self.spec.api_key_env)
-            if not key:
-                raise TargetError(f"http target: environment variable {self.spec.api_key_env} is not set")
-            headers["Authorization"] = f"Bearer {key}"
-        return headers
-
-    async def _post(self, body: dict[str, Any]) -> Any:
-        headers = self._headers()
-        if self.session is None:
-            self.session = aiohttp.ClientSession()
-        try:
-            async with self.session.post(self.spec.url, json=body, headers=headers) as response:
-                text = await response.text(errors="replace")
-                status = response.status
-        except aiohttp.ClientError as exc:
-            raise TargetError(f"POST {self.spec.url} failed: {type(exc).__name__}: {exc}") from exc
-        if not 200 <= status < 300:
-            raise TargetError(f"POST {self.spec.url} returned HTTP {status}: {text[:ERROR_BODY_CHARS]}")
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError:
-            raise TargetError(f"POST {self.spec.url} returned invalid JSON: {text[:ERROR_BODY_CHARS]}") from None
+# ---------------------------------------------------------------- http: see http_target.py
 
 
 # ---------------------------------------------------------------- command

@@ -26,6 +26,7 @@ artifacts/browser/.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -38,11 +39,12 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
 from evalrunner.store.http_client import HttpStore
-from seed_data import ADMIN_TOKEN, Seeded, seed
+from seed_data import ADMIN_TOKEN, Seeded, SeededHistory, seed, seed_history
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "artifacts" / "browser"
@@ -66,6 +68,12 @@ class Server:
     url: str
     proc: subprocess.Popen
     seeded: Seeded
+
+
+@dataclass
+class HistoryServer:
+    url: str
+    history: SeededHistory
 
 
 def _evalrunner() -> list[str]:
@@ -93,24 +101,37 @@ def _wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 
     pytest.fail(f"`evalrunner serve` did not answer /healthz within {timeout_s}s:\n{log.read_text()}")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("browser")
-    seeded = seed(tmp / "evals.duckdb")
+@contextlib.contextmanager
+def serving(db: Path, log: Path) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`evalrunner serve` on `db` (no sweeps: see the module's docstring) until the block ends."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    log = tmp / "serve.log"
     env = {k: v for k, v in os.environ.items() if k not in ("EVALRUNNER_DB", "EVALRUNNER_FAULTS")}
     env["EVALRUNNER_ADMIN_TOKEN"] = ADMIN_TOKEN
     with open(log, "w") as log_file:
         proc = subprocess.Popen(
-            [*_evalrunner(), "--db", str(seeded.db), "--no-recover", "serve", "--host", "127.0.0.1",
+            [*_evalrunner(), "--db", str(db), "--no-recover", "serve", "--host", "127.0.0.1",
              "--port", str(port), "--sweep-interval", "0"],
             stdout=log_file, stderr=subprocess.STDOUT, env=env,
         )
-    stop = threading.Event()
     try:
         _wait_ready(url, proc, log)
+        yield url, proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("browser")
+    seeded = seed(tmp / "evals.duckdb")
+    stop = threading.Event()
+    with serving(seeded.db, tmp / "serve.log") as (url, proc):
         runner = HttpStore(url, ADMIN_TOKEN, retry_for_s=2)
 
         def heartbeat():  # the healthy run's runner, reporting over the runner API
@@ -121,15 +142,19 @@ def server(tmp_path_factory):
                     pass
 
         threading.Thread(target=heartbeat, daemon=True).start()
-        yield Server(url, proc, seeded)
-    finally:
-        stop.set()
-        proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+            yield Server(url, proc, seeded)
+        finally:
+            stop.set()
+
+
+@pytest.fixture(scope="module")
+def history_server(tmp_path_factory):
+    """A database of one suite's history (its own, so the main page's counts stay as they are)."""
+    tmp = tmp_path_factory.mktemp("history")
+    history = seed_history(tmp / "history.duckdb")
+    with serving(history.db, tmp / "serve.log") as (url, proc):
+        yield HistoryServer(url, history)
 
 
 @pytest.fixture(scope="module")

@@ -82,3 +82,41 @@ def seed(db: Path) -> Seeded:
         return Seeded(db, completed.id, failed.id, running.id, stuck.id, hostile.id)
     finally:
         store.close()
+
+
+HISTORY_SUITE = "nightly-qa"
+
+
+@dataclass
+class SeededHistory:
+    db: Path
+    runs: list[str]  # oldest first
+    regressed: str  # the run where `capital` and `divide` stopped passing
+    before_regression: str
+
+
+def seed_history(db: Path) -> SeededHistory:
+    """Seven nightly runs of one suite, a day apart; the fifth regresses two cases and takes longer."""
+    nights = [  # (cases that do not pass: name -> passed False / None for an error, seconds taken)
+        ({"haiku": False}, 40), ({"haiku": False}, 42), ({}, 38), ({}, 45),
+        ({"capital": False, "divide": None}, 71), ({"capital": False}, 50), ({}, 44),
+    ]
+    names = ("add", "capital", "divide", "haiku", "json", "regex")
+    store = DuckDBStore.open(db)
+    ids = []
+    try:
+        for night, (failing, seconds) in enumerate(nights):
+            began = utcnow() - timedelta(days=len(nights) - night)
+            store.clock = lambda at=began: at
+            run = store.start_run(RunRequest(HISTORY_SUITE, names, 30.0, this_process(),
+                                             lock_policy=LockPolicy.ALLOW)).run
+            store.save_cases([_case(run.id, name, failing.get(name, True), output="ok", when=began,
+                                    error="ZeroDivisionError" if name in failing and failing[name] is None else None)
+                              for name in names])
+            store.clock = lambda at=began + timedelta(seconds=seconds): at
+            store.finish_run(run.id, RunStatus.COMPLETED)
+            ids.append(run.id)
+    finally:
+        store.clock = utcnow
+        store.close()
+    return SeededHistory(db, ids, regressed=ids[4], before_regression=ids[3])

@@ -285,6 +285,12 @@ def test_example_evalruns_succeed_with_runners_reaching_the_store_by_service_dns
     store_url = command[command.index("--store-url") + 1]
     assert f"{RELEASE}.{SYSTEM}.svc" in store_url, store_url  # the Service's DNS name, resolved by CoreDNS
 
+    # Its cases from a dataset file in the image (after smoke: both run a suite `arithmetic` under Forbid).
+    release.kubectl_run("apply", "-n", TEAM, "-f", str(REPO / "examples" / "gitops" / "evalruns" /
+                                                       "arithmetic-dataset.yaml"))
+    status = release.evalruns.wait_phase("arithmetic-dataset", ("Succeeded", "Failed"), timeout=180)
+    assert status["phase"] == "Succeeded" and status["passed"] == 12, status
+
 
 # ---------------------------------------------------------------- deaths by the kubelet's hand
 

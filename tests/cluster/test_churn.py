@@ -11,6 +11,7 @@ SIGTERM first), a replacement `replaced`, never a crash's `error`.
 
 from __future__ import annotations
 
+import json
 import random
 import time
 
@@ -62,6 +63,13 @@ def pods_mid_run(evalruns, controller, name: str) -> list:
         return []  # all of it finished or was replaced first
 
 
+def _runner_log(cluster, namespace: str, owner: dict | None) -> str:
+    """The last lines the runner of a failed run wrote, to say why when the test fails."""
+    if not owner or not owner.get("pod"):
+        return ""
+    return "\n".join(cluster.pod_log(namespace, owner["pod"]).splitlines()[-5:])
+
+
 def test_churn_leaves_no_row_running_and_every_cause_classified(cluster, evalrun_crd, evalruns, namespace, tmp_path):
     rng = random.Random(9)
     controller = ControllerProcess(cluster.kubeconfig, namespace, tmp_path).start()
@@ -100,6 +108,8 @@ def test_churn_leaves_no_row_running_and_every_cause_classified(cluster, evalrun
         running_cases = db.execute("SELECT id FROM eval_cases WHERE status = 'running'").fetchall()
         failed = dict(db.execute("SELECT id, cause FROM eval_runs WHERE status = 'failed'").fetchall())
         errors = dict(db.execute("SELECT id, error FROM eval_runs WHERE status = 'failed'").fetchall())
+        owners = {k: json.loads(v) for k, v in db.execute(
+            "SELECT id, owner FROM eval_runs WHERE status = 'failed' AND owner IS NOT NULL").fetchall()}
         total = db.execute("SELECT count(*) FROM eval_runs").fetchone()[0]
         long_runs = db.execute("SELECT count(*) FROM eval_runs WHERE scope LIKE ?", [f"%/{LONG_NAME}/%"]).fetchone()[0]
 
@@ -109,10 +119,12 @@ def test_churn_leaves_no_row_running_and_every_cause_classified(cluster, evalrun
     assert total >= EVALRUNS and long_runs >= 1
     assert deleted_pods, "no pod was deleted mid-run: the churn did not happen"
     assert "replaced" in failed.values(), "no run was replaced: the churn did not happen"
-    assert "error" not in failed.values(), {k: (v, errors[k]) for k, v in failed.items() if v == "error"}
+    assert "error" not in failed.values(), {k: (v, errors[k], _runner_log(cluster, namespace, owners.get(k)))
+                                            for k, v in failed.items() if v == "error"}
     assert None not in failed.values()
     for run_id in deleted_pods:
         if run_id in failed:
             assert failed[run_id] in DELETION_CAUSES | {"replaced"}, (run_id, failed[run_id], errors[run_id])
-    unexplained = {k: (v, errors[k]) for k, v in failed.items() if v not in DELETION_CAUSES | {"replaced"}}
+    unexplained = {k: (v, errors[k], _runner_log(cluster, namespace, owners.get(k))) for k, v in failed.items()
+                   if v not in DELETION_CAUSES | {"replaced"}}
     assert unexplained == {}, unexplained

@@ -39,6 +39,16 @@ def with_spec(**changes) -> dict:
     return body
 
 
+def dataset_suite(**source) -> dict:
+    suite = {k: v for k, v in smoke_suite("data").items() if k != "cases"}
+    return suite | {"dataset": {"input": "question", "expected": "answer", **source}}
+
+
+def with_dataset(**source) -> dict:
+    return evalrun_manifest("valid", [dataset_suite(**source)])
+
+
+IMAGE_FILE = {"imagePath": "/opt/evalrunner/examples/suites/arithmetic.jsonl"}
 two_suites_same_name = valid()
 two_suites_same_name["spec"]["suites"].append(copy.deepcopy(two_suites_same_name["spec"]["suites"][0]))
 duplicate_case_ids = with_suite(cases=[{"id": "a", "input": "1", "expected": "1"}, {"id": "a", "input": "2", "expected": "2"}])
@@ -60,6 +70,14 @@ INVALID = [
     ("bad memory quantity", with_spec(resources={"limits": {"memory": "lots"}}), ["memory"]),
     ("no suites", with_spec(suites=[]), ["suites", "at least 1"]),
     ("unknown field", with_spec(retrys=1), ["unknown field", "retrys"]),
+    ("cases and dataset", with_suite(dataset={"input": "q", **IMAGE_FILE}), ["exactly one of `cases` or `dataset`"]),
+    ("dataset without a source", with_dataset(), ["exactly one of `configMapRef`, `persistentVolumeClaim`"]),
+    ("dataset with two sources", with_dataset(**IMAGE_FILE, configMapRef={"name": "cm", "key": "c.jsonl"}),
+     ["exactly one of `configMapRef`, `persistentVolumeClaim`"]),
+    ("claim path leaving the claim", with_dataset(persistentVolumeClaim={"claimName": "d", "path": "a/../../etc"}),
+     ["persistentVolumeClaim.path", "should match"]),
+    ("relative image path", with_dataset(imagePath="data/cases.jsonl"), ["imagePath", "should match"]),
+    ("unknown dataset format", with_dataset(**IMAGE_FILE, format="xlsx"), ["format", "Unsupported value"]),
 ]
 
 
@@ -86,3 +104,25 @@ def test_valid_evalrun_is_accepted_and_its_status_is_kept(evalruns):
                                                           {"status": status})
     kept = evalruns.status("valid")
     assert kept["suites"][0]["runId"] == "abc-smoke-a1" and kept["progress"] == "0/1"
+
+
+@pytest.mark.parametrize("source", [IMAGE_FILE, {"configMapRef": {"name": "qa-data", "key": "cases.jsonl"}},
+                                    {"persistentVolumeClaim": {"claimName": "datasets", "path": "qa/cases.parquet"}}],
+                         ids=["image", "configmap", "claim"])
+def test_a_dataset_suite_is_accepted_as_written(evalruns, source):
+    created = evalruns.create(with_dataset(**source, metadata=["topic"]))
+    assert created["spec"]["suites"][0]["dataset"] == {"input": "question", "expected": "answer",
+                                                       "metadata": ["topic"], **source}
+
+
+def test_the_configmap_limit_is_what_the_builders_assume(evalruns):
+    """1 MiB of values is accepted, one byte more refused: where the controller refuses an inline suite."""
+    from evalrunner.controller.builders import CONFIGMAP_MAX_BYTES
+
+    core = evalruns.core
+    body = {"metadata": {"name": "fits"}, "data": {"suite.yaml": "x" * CONFIGMAP_MAX_BYTES}}
+    core.create_namespaced_config_map(evalruns.namespace, body)
+    body = {"metadata": {"name": "too-big"}, "data": {"suite.yaml": "x" * (CONFIGMAP_MAX_BYTES + 1)}}
+    with pytest.raises(ApiException) as exc:
+        core.create_namespaced_config_map(evalruns.namespace, body)
+    assert exc.value.status == 422 and "Too long" in json.loads(exc.value.body)["message"]

@@ -8,6 +8,7 @@ import re
 from typing import Any
 
 import pytest
+import yaml
 
 from evalrunner.controller import builders as b
 from evalrunner.models import EvalRunSpec, LockPolicy
@@ -244,7 +245,8 @@ def test_configmap_ref_deadline_needs_the_file_s_size_and_timeout():
 def test_configmap_ref_suite_mounts_the_referenced_configmap():
     job = job_for(evalrun(), "big")
     volumes = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
-    assert volumes["suite"]["configMap"] == {"name": "big-suite", "items": [{"key": "big.yaml", "path": "big.yaml"}]}
+    # Every key, so the suite file may name a dataset kept beside it (`dataset: {path: cases.jsonl}`).
+    assert volumes["suite"]["configMap"] == {"name": "big-suite"}
     assert container(job)["command"][2] == "/etc/evalrunner/suite/big.yaml"
     mounts = {m["name"]: m for m in container(job)["volumeMounts"]}
     assert mounts["suite"] == {"name": "suite", "mountPath": "/etc/evalrunner/suite", "readOnly": True}
@@ -300,3 +302,83 @@ def test_builders_do_not_touch_their_input():
     b.build_suite_configmap(er, parsed(er), parsed(er).suite("qa-smoke"))
     b.build_token_secret(er, "t")
     assert er == before
+
+
+# ---------------------------------------------------------------- dataset suites
+
+
+def dataset_evalrun(dataset: dict[str, Any], **suite: Any) -> dict[str, Any]:
+    er = evalrun()
+    er["spec"]["suites"] = [{"name": "qa", "timeoutSeconds": 10, "target": {"python": {"callable": "m:f"}},
+                             "dataset": {"input": "question", "expected": "answer", **dataset}, **suite}]
+    return er
+
+
+def suite_file_of(er: dict[str, Any]) -> dict[str, Any]:
+    spec = parsed(er)
+    return yaml.safe_load(b.build_suite_configmap(er, spec, spec.suite("qa"))["data"][b.SUITE_KEY])
+
+
+def volumes_and_mounts(job: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    volumes = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
+    return volumes, {m["name"]: m for m in container(job)["volumeMounts"]}
+
+
+def test_a_configmap_dataset_is_mounted_read_only_and_named_in_the_suite_file():
+    er = dataset_evalrun({"configMapRef": {"name": "qa-data", "key": "cases.jsonl"}, "metadata": ["topic"]})
+    assert suite_file_of(er)["dataset"] == {"path": "/etc/evalrunner/dataset/cases.jsonl", "input": "question",
+                                            "expected": "answer", "metadata": ["topic"]}
+    volumes, mounts = volumes_and_mounts(job_for(er, "qa"))
+    assert volumes["dataset"] == {"name": "dataset",
+                                  "configMap": {"name": "qa-data", "items": [{"key": "cases.jsonl", "path": "cases.jsonl"}]}}
+    assert mounts["dataset"] == {"name": "dataset", "mountPath": "/etc/evalrunner/dataset", "readOnly": True}
+    assert volumes["suite"]["configMap"]["name"] == "nightly-qa"  # the runner reads its suite file as always
+    assert container(job_for(er, "qa"))["command"][2] == "/etc/evalrunner/suite/suite.yaml"
+
+
+def test_a_claim_dataset_mounts_the_claim_read_only():
+    er = dataset_evalrun({"persistentVolumeClaim": {"claimName": "datasets", "path": "qa/cases.parquet"}})
+    assert suite_file_of(er)["dataset"]["path"] == "/etc/evalrunner/dataset/qa/cases.parquet"
+    volumes, mounts = volumes_and_mounts(job_for(er, "qa"))
+    assert volumes["dataset"] == {"name": "dataset", "persistentVolumeClaim": {"claimName": "datasets", "readOnly": True}}
+    assert mounts["dataset"]["readOnly"] is True
+
+
+def test_an_image_dataset_needs_no_mount():
+    er = dataset_evalrun({"imagePath": "/opt/evalrunner/examples/suites/arithmetic.jsonl", "format": "jsonl"})
+    assert suite_file_of(er)["dataset"] == {"format": "jsonl", "input": "question", "expected": "answer",
+                                            "path": "/opt/evalrunner/examples/suites/arithmetic.jsonl"}
+    volumes, mounts = volumes_and_mounts(job_for(er, "qa"))
+    assert set(volumes) == set(mounts) == {"suite", "scratch"}
+
+
+def test_a_dataset_suite_s_deadline_waits_for_its_size():
+    er = dataset_evalrun({"imagePath": "/data/cases.jsonl"})
+    assert "activeDeadlineSeconds" not in job_for(er, "qa")["spec"]  # the store's row deadline bounds it
+    assert job_for(er, "qa", case_count=100, case_timeout_seconds=10)["spec"]["activeDeadlineSeconds"] == 1060
+
+
+def test_a_dataset_suite_file_loads_where_the_pod_finds_the_file(tmp_path):
+    (tmp_path / "cases.jsonl").write_text('{"id": "a", "question": "2+2", "answer": "4"}\n')
+    er = dataset_evalrun({"imagePath": str(tmp_path / "cases.jsonl")})
+    spec = parsed(er)
+    suite = parse_suite(b.build_suite_configmap(er, spec, spec.suite("qa"))["data"][b.SUITE_KEY])
+    assert [(c.id, c.input, c.expected) for c in suite.cases] == [("a", "2+2", "4")]
+
+
+def test_an_inline_suite_over_the_configmap_limit_is_refused_naming_the_alternatives():
+    er = evalrun()
+    big = "x" * (b.CONFIGMAP_MAX_BYTES // 4)
+    er["spec"]["suites"][0]["cases"] = [{"id": f"c{i}", "input": big} for i in range(4)]
+    spec = parsed(er)
+    with pytest.raises(b.SuiteTooLarge) as info:
+        b.build_suite_configmap(er, spec, spec.suite("qa-smoke"))
+    message = str(info.value)
+    assert message.startswith("suite qa-smoke: its suite file is 1,048,")
+    assert "1 MiB a ConfigMap holds" in message
+    assert "dataset.persistentVolumeClaim" in message and "dataset.imagePath" in message
+    # just under the limit is fine: the API server counts the values' bytes
+    er["spec"]["suites"][0]["cases"] = [{"id": "c0", "input": "x" * (b.CONFIGMAP_MAX_BYTES - 4096)}]
+    spec = parsed(er)
+    cm = b.build_suite_configmap(er, spec, spec.suite("qa-smoke"))
+    assert len(cm["data"][b.SUITE_KEY].encode()) <= b.CONFIGMAP_MAX_BYTES

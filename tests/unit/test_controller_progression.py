@@ -290,3 +290,64 @@ def test_api_errors_are_errors_not_absences(world):
     world.controller.refresh()
     assert [k for k in world.kube.objects if k[0] == "Job"] == [("Job", NAMESPACE, "er-s-1")]
     assert len(world.controller.queue) == 1
+
+
+# ---------------------------------------------------------------- datasets and the ConfigMap limit
+
+
+def too_large(name: str) -> dict:
+    """An inline suite whose file is over the 1 MiB a ConfigMap holds (an EvalRun itself may be up to ~1.5 MiB)."""
+    big = "x" * (builders.CONFIGMAP_MAX_BYTES // 4)
+    return suite(name) | {"cases": [{"id": f"c{i}", "input": big, "expected": "x"} for i in range(4)]}
+
+
+def test_a_suite_too_large_for_its_configmap_fails_alone_saying_what_to_do(world):
+    evalrun = world.kube.add_evalrun("er", [too_large("huge"), suite("small")])
+    world.created(evalrun)
+    world.settle()
+    assert world.job("er", "huge") is None and ("ConfigMap", NAMESPACE, "er-huge") not in world.kube.objects
+    entry = world.kube.suite_status("er", "huge")
+    assert entry["phase"] == "Failed"
+    assert entry["message"].startswith("refused: suite huge: its suite file is ")
+    assert "dataset.persistentVolumeClaim" in entry["message"] and "dataset.imagePath" in entry["message"]
+    assert world.kube.reasons("er").count("InvalidSpec") == 1
+
+    assert world.job("er", "small") is not None  # the other suite runs
+    _, run = world.started_pod("er", "small")
+    world.runner_finishes(run)
+    world.settle()
+    assert world.kube.status("er")["phase"] == "Failed"
+
+    # A restarted controller reads the refusal back from the status and starts nothing.
+    restarted = World(world.clock, world.kube, world.store,
+                      type(world.controller)(world.store, world.kube, world.controller.settings, world.clock))
+    restarted.created(world.kube.evalrun("er"))
+    assert world.job("er", "huge") is None
+    assert world.kube.reasons("er").count("InvalidSpec") == 1
+
+
+def test_a_suite_too_large_to_start_replaces_nobody(world):
+    first = world.kube.add_evalrun("first", [suite("shared")])
+    world.created(first)
+    _, run = world.started_pod("first", "shared")
+    second = world.kube.add_evalrun("second", [too_large("shared")], concurrencyPolicy="Replace")
+    world.created(second)
+    world.settle()
+    assert world.store.get_run(run.id).status == "running"
+    assert world.job("first", "shared") is not None
+    assert world.kube.suite_status("second", "shared")["phase"] == "Failed"
+
+
+def test_a_dataset_suite_starts_with_its_dataset_mounted(world):
+    dataset = {"configMapRef": {"name": "qa-data", "key": "cases.jsonl"}, "input": "question"}
+    evalrun = world.kube.add_evalrun("er", [{k: v for k, v in suite("qa").items() if k != "cases"}
+                                            | {"dataset": dataset}])
+    world.created(evalrun)
+    job = world.job("er", "qa")
+    assert job is not None and "activeDeadlineSeconds" not in job["spec"]  # its size is in the file
+    pod = job["spec"]["template"]["spec"]
+    assert {"name": "dataset", "configMap": {"name": "qa-data", "items": [{"key": "cases.jsonl",
+                                                                           "path": "cases.jsonl"}]}} in pod["volumes"]
+    suite_file = world.kube.objects[("ConfigMap", NAMESPACE, "er-qa")]["data"][builders.SUITE_KEY]
+    assert "path: /etc/evalrunner/dataset/cases.jsonl" in suite_file
+    assert world.kube.reasons("er") == ["Started"]

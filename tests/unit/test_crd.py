@@ -173,7 +173,7 @@ def test_cel_rules_are_bounded_for_the_cost_estimator():
     scorer = cases["items"]["properties"]["scorer"]
     assert scorer["properties"]["name"]["maxLength"] <= 16  # compared by the scorer's rule
     rules = [r["rule"] for r in suites["items"]["x-kubernetes-validations"]]
-    assert "has(self.cases) != has(self.configMapRef)" in rules
+    assert "(has(self.cases) ? 1 : 0) + (has(self.dataset) ? 1 : 0) + (has(self.configMapRef) ? 1 : 0) == 1" in rules
 
 
 def test_bounds_enums_patterns_and_defaults_in_descriptions():
@@ -274,6 +274,83 @@ def test_an_inline_suite_is_a_suite_file():
     assert suite == suite_from_data({**INLINE, "lockPolicy": "Replace"})
     with pytest.raises(ValueError, match="configMapRef suite"):
         EvalRunSuite.model_validate(BY_REF).to_suite(LockPolicy.FORBID)
+
+
+# ---------------------------------------------------------------- dataset suites
+
+DATASET = {"input": "question", "expected": "answer"}
+SOURCES = {
+    "configMapRef": {"configMapRef": {"name": "qa-data", "key": "cases.jsonl"}},
+    "persistentVolumeClaim": {"persistentVolumeClaim": {"claimName": "datasets", "path": "qa/cases.parquet"}},
+    "imagePath": {"imagePath": "/opt/data/cases.csv"},
+}
+
+
+def dataset_suite(**dataset: Any) -> dict[str, Any]:
+    return {k: v for k, v in INLINE.items() if k != "cases"} | {"dataset": {**DATASET, **dataset}}
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_a_dataset_suite_is_an_inline_suite_whose_file_names_its_dataset(source):
+    suite = EvalRunSuite.model_validate(dataset_suite(**SOURCES[source], metadata=["topic"]))
+    assert suite.is_inline and suite.cases is None
+    with pytest.raises(ValueError, match="reads a dataset"):
+        suite.to_suite(LockPolicy.FORBID)
+    as_file = suite.to_suite(LockPolicy.FORBID, dataset_path="/mnt/cases.jsonl")
+    assert as_file.dataset.path == "/mnt/cases.jsonl"
+    assert (as_file.dataset.input, as_file.dataset.expected, as_file.dataset.metadata) == ("question", "answer",
+                                                                                           ["topic"])
+    assert as_file.cases == []  # read by the runner, from the file
+
+
+@pytest.mark.parametrize(
+    ("suite", "message"),
+    [
+        ({**INLINE, "dataset": {**DATASET, **SOURCES["imagePath"]}}, "exactly one of `cases` or `dataset`"),
+        ({**BY_REF, "dataset": {**DATASET, **SOURCES["imagePath"]}}, "exactly one of `cases` or `dataset`"),
+        ({k: v for k, v in dataset_suite(**SOURCES["imagePath"]).items() if k != "target"}, "needs a `target`"),
+        (dataset_suite(), "exactly one of `configMapRef`, `persistentVolumeClaim` or `imagePath`"),
+        (dataset_suite(**SOURCES["imagePath"], **SOURCES["configMapRef"]), "(got configMapRef, imagePath)"),
+        (dataset_suite(imagePath="data/cases.csv"), "should match pattern '^/'"),
+        (dataset_suite(persistentVolumeClaim={"claimName": "d", "path": "../etc/passwd"}), "should match pattern"),
+        (dataset_suite(persistentVolumeClaim={"claimName": "d", "path": "/abs/cases.csv"}), "should match pattern"),
+        (dataset_suite(configMapRef={"name": "qa-data"}), "key\n  Field required"),
+        (dataset_suite(**SOURCES["imagePath"], format="xlsx"), "'jsonl', 'csv' or 'parquet'"),
+        (dataset_suite(**SOURCES["imagePath"], metadata=["x"] * 65), "at most 64 items"),
+    ],
+)
+def test_invalid_dataset_suites_are_refused(suite, message):
+    with pytest.raises(ValidationError) as err:
+        EvalRunSpec.model_validate({"suites": [suite]})
+    assert message in str(err.value)
+
+
+def test_the_dataset_schema_carries_the_api_server_s_twin_rules():
+    suite = schema()["properties"]["spec"]["properties"]["suites"]["items"]
+    dataset = suite["properties"]["dataset"]
+    assert set(dataset["properties"]) == {"format", "id", "input", "expected", "metadata", "configMapRef",
+                                          "persistentVolumeClaim", "imagePath"}
+    [rule] = dataset["x-kubernetes-validations"]
+    assert rule["message"] == "a dataset needs exactly one of `configMapRef`, `persistentVolumeClaim` or `imagePath`"
+    assert "has(self.persistentVolumeClaim)" in rule["rule"]
+    assert dataset["properties"]["configMapRef"]["required"] == ["name", "key"]
+    assert "1 MiB" in dataset["properties"]["configMapRef"]["description"]
+    messages = [r["message"] for r in suite["x-kubernetes-validations"]]
+    assert "a suite needs exactly one of `cases` or `dataset` (an inline suite) or `configMapRef`" in messages
+
+
+def test_the_example_evalruns_are_valid_and_their_datasets_exist():
+    examples = sorted((crd.REPO_ROOT / "examples" / "gitops" / "evalruns").glob("*.yaml"))
+    assert len(examples) >= 2
+    image_paths = []
+    for path in examples:
+        manifest = yaml.safe_load(path.read_text())
+        parsed = EvalRunSpec.model_validate(manifest["spec"])
+        image_paths += [s.dataset.image_path for s in parsed.suites if s.dataset and s.dataset.image_path]
+    assert image_paths, "an example EvalRun reads a dataset from the image"
+    for image_path in image_paths:  # the image copies examples/suites to /opt/evalrunner/examples/suites
+        assert image_path.startswith("/opt/evalrunner/examples/suites/")
+        assert (crd.REPO_ROOT / image_path.removeprefix("/opt/evalrunner/")).is_file()
 
 
 def test_status_dumps_in_camel_case():

@@ -355,3 +355,45 @@ def test_case_rows_stranded_by_manual_sql_are_closed_with_the_run_cause(store):
     row = store.get_run(manual.id)
     assert (row.status, row.error, row.cause) == ("failed", "Manual recovery", None)  # the run row is kept
     assert (row.passed, row.failed, row.errored) == (1, 0, 1)  # its totals follow its case rows
+
+
+def test_token_usage_is_stored_per_case_and_summed_per_attempt_when_the_run_closes(store):
+    run = store.start_run(request(cases=("a", "b", "c"))).run
+    store.save_cases([
+        case_event(run.id, "a", "completed", passed=True, prompt_tokens=10, completion_tokens=2, total_tokens=12),
+        case_event(run.id, "b", "completed", passed=False, prompt_tokens=5, completion_tokens=1, total_tokens=6),
+        case_event(run.id, "c", "failed", cause="case_raised"),  # no usage reported
+    ])
+    assert store.get_run(run.id).total_tokens is None  # summed at the close, like passed/failed/errored
+    done = store.finish_run(run.id, RunStatus.COMPLETED)
+    assert (done.prompt_tokens, done.completion_tokens, done.total_tokens) == (15, 3, 18)
+    assert [(c.name, c.total_tokens) for c in store.cases(run.id)] == [("a", 12), ("b", 6), ("c", None)]
+    # A resumed attempt carries case a over with its usage, but spent nothing on it: its totals are its own.
+    again = store.start_run(request(cases=("b", "c"), parent_run_id=run.id, carried_case_names=("a",))).run
+    store.save_cases([case_event(again.id, "b", "completed", passed=True, total_tokens=7)])
+    closed = store.finish_run(again.id, RunStatus.COMPLETED)
+    assert (closed.prompt_tokens, closed.total_tokens) == (None, 7)
+    assert {c.name: c.total_tokens for c in store.cases(again.id)} == {"a": 12, "b": 7}
+    # No usage at all: NULL, not 0.
+    quiet = store.start_run(request(suite="python-only", cases=("a",))).run
+    store.save_cases([case_event(quiet.id, "a", "completed", passed=True)])
+    assert store.finish_run(quiet.id, RunStatus.COMPLETED).total_tokens is None
+
+
+def test_a_version_2_database_gains_the_usage_columns(tmp_path):
+    from evalrunner.store.schema import MIGRATIONS
+
+    path = tmp_path / "v2.duckdb"
+    con = duckdb.connect(str(path))  # what a version-2 release left behind, with a row in it
+    con.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, description VARCHAR, "
+                "applied_at TIMESTAMPTZ)")
+    for migration in MIGRATIONS[:2]:
+        for statement in migration.statements:
+            con.execute(statement)
+        con.execute("INSERT INTO schema_version VALUES (?, ?, now())", [migration.version, migration.description])
+    con.execute("INSERT INTO eval_runs (id, suite, status, created_at, passed) VALUES ('old', 's', 'completed', now(), 1)")
+    con.close()
+    with DuckDBStore.open(path) as s:
+        assert s.schema_version() == 3
+        old = s.get_run("old")
+        assert old.passed == 1 and old.total_tokens is None

@@ -45,13 +45,29 @@ CONTAINER_NAME = "runner"
 SUITE_VOLUME = "suite"
 SUITE_MOUNT_PATH = "/etc/evalrunner/suite"
 SUITE_KEY = "suite.yaml"
+DATASET_VOLUME = "dataset"
+DATASET_MOUNT_PATH = "/etc/evalrunner/dataset"  # a ConfigMap's key, or the root of a claim
 TOKEN_KEY = "token"
+# The API server refuses a ConfigMap whose values add up to more than 1 MiB.
+CONFIGMAP_MAX_BYTES = 1024 * 1024
 # readOnlyRootFilesystem leaves the runner no writable place; give it a scratch
 # directory (not /tmp itself, which the test node agent keeps its state under).
 SCRATCH_VOLUME = "scratch"
 SCRATCH_PATH = "/var/tmp/evalrunner"
 TERMINATION_LOG = "/dev/termination-log"
 RUNNER_UID = 65532  # "nonroot" in distroless images
+
+
+class SuiteTooLarge(ValueError):
+    """An inline suite whose file would not fit in its ConfigMap: the API server would refuse it."""
+
+
+@dataclass(frozen=True)
+class DatasetMount:
+    """Where a dataset suite's file is in its runner pod, and the read-only volume that puts it there (if any)."""
+
+    path: str
+    volume: dict[str, Any] | None  # None: the file is in the image
 
 
 @dataclass(frozen=True)
@@ -142,8 +158,11 @@ def active_deadline_seconds(case_timeout_s: float, case_count: int, grace_s: flo
 
 
 def suite_file_text(suite: Suite) -> str:
-    """The suite as a suite file (snake_case, defaults left out), as `evalrunner run` reads it."""
-    data = suite.model_dump(mode="json", exclude_defaults=True)
+    """The suite as a suite file (snake_case, defaults left out), as `evalrunner run` reads it.
+
+    A dataset suite's file names its dataset, never the rows read from it.
+    """
+    data = suite.model_dump(mode="json", exclude_defaults=True, exclude={"cases"} if suite.dataset else None)
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
@@ -159,15 +178,41 @@ def _metadata(evalrun: dict[str, Any], name: str, labels: dict[str, str]) -> dic
     return out
 
 
+def dataset_mount(suite: EvalRunSuite) -> DatasetMount | None:
+    """Where the runner pod reads an inline suite's dataset; None for a suite without one."""
+    dataset = suite.dataset
+    if dataset is None:
+        return None
+    if dataset.config_map_ref is not None:
+        ref = dataset.config_map_ref
+        volume = {"name": DATASET_VOLUME, "configMap": {"name": ref.name, "items": [{"key": ref.key, "path": ref.key}]}}
+        return DatasetMount(f"{DATASET_MOUNT_PATH}/{ref.key}", volume)
+    if dataset.persistent_volume_claim is not None:
+        claim = dataset.persistent_volume_claim
+        volume = {"name": DATASET_VOLUME, "persistentVolumeClaim": {"claimName": claim.claim_name, "readOnly": True}}
+        return DatasetMount(f"{DATASET_MOUNT_PATH}/{claim.path}", volume)
+    return DatasetMount(str(dataset.image_path), None)
+
+
 def build_suite_configmap(evalrun: dict[str, Any], spec: EvalRunSpec, suite: EvalRunSuite) -> dict[str, Any] | None:
     """The ConfigMap holding an inline suite's file; None for a configMapRef suite (its Job mounts that one).
 
     The file names the suite's concurrencyPolicy so that its runs record it; the controller alone applies it.
+    A dataset suite's file names its dataset where the Job mounts it. Raises SuiteTooLarge for a file over
+    the ConfigMap limit, which the API server would refuse.
     """
     if not suite.is_inline:
         return None
     name = evalrun["metadata"]["name"]
-    text = suite_file_text(suite.to_suite(spec.policy_for(suite)))
+    mount = dataset_mount(suite)
+    text = suite_file_text(suite.to_suite(spec.policy_for(suite), dataset_path=mount.path if mount else None))
+    size = len(text.encode())
+    if size > CONFIGMAP_MAX_BYTES:
+        raise SuiteTooLarge(
+            f"suite {suite.name}: its suite file is {size:,} bytes, more than the 1 MiB a ConfigMap holds; keep the "
+            f"cases in a dataset on a PersistentVolumeClaim (dataset.persistentVolumeClaim) or in the runner image "
+            f"(dataset.imagePath)"
+        )
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -196,12 +241,19 @@ def _suite_source(evalrun: dict[str, Any], suite: EvalRunSuite) -> tuple[str, st
     return suite_configmap_name(evalrun["metadata"]["name"], suite.name), SUITE_KEY
 
 
+def _suite_volume_source(suite: EvalRunSuite, configmap: str, key: str) -> dict[str, Any]:
+    """An inline suite's own ConfigMap, or the whole referenced one (its other keys may hold the suite's dataset)."""
+    if suite.config_map_ref is not None:
+        return {"name": configmap}
+    return {"name": configmap, "items": [{"key": key, "path": key}]}
+
+
 def _deadline(
     suite: EvalRunSuite, spec: EvalRunSpec, case_count: int | None, case_timeout_seconds: float | None
 ) -> int | None:
-    """activeDeadlineSeconds, or None when a configMapRef suite's size or timeout is not known."""
-    if suite.is_inline:
-        count = case_count if case_count is not None else len(suite.cases or [])
+    """activeDeadlineSeconds, or None when the size or timeout of a configMapRef or dataset suite is not known."""
+    if suite.cases is not None:
+        count = case_count if case_count is not None else len(suite.cases)
         timeout = suite.timeout_seconds or Suite.model_fields["timeout_seconds"].default
     else:
         if case_count is None or case_timeout_seconds is None:
@@ -274,10 +326,13 @@ def build_job(
 
     `backoffLimit: 0`: the controller makes each retry a new Job (a new
     attempt, a new row that resumes from `parent_run_id`), so it records why
-    every pod died. For a configMapRef suite pass `case_count` and
-    `case_timeout_seconds` from the referenced file; without them the Job
-    gets no `activeDeadlineSeconds` and the store's row deadline (the
-    sweeper) bounds the run alone.
+    every pod died. For a configMapRef or dataset suite pass `case_count`
+    and `case_timeout_seconds` from its file; without them the Job gets no
+    `activeDeadlineSeconds` and the store's row deadline (the sweeper)
+    bounds the run alone. A configMapRef suite's Job mounts the whole
+    ConfigMap, so its suite file may name a dataset kept under another key
+    (`dataset: {path: cases.jsonl}`); a dataset suite's Job mounts its
+    dataset read-only.
     """
     meta = evalrun["metadata"]
     names = object_names(meta["name"], suite.name, attempt)
@@ -289,6 +344,7 @@ def build_job(
     if parent_run_id:
         annotations[ANNOTATION_PARENT_RUN_ID] = parent_run_id
     configmap, key = _suite_source(evalrun, suite)
+    dataset = dataset_mount(suite)
 
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
@@ -317,10 +373,13 @@ def build_job(
         "securityContext": copy.deepcopy(POD_SECURITY_CONTEXT),
         "containers": [container],
         "volumes": [
-            {"name": SUITE_VOLUME, "configMap": {"name": configmap, "items": [{"key": key, "path": key}]}},
+            {"name": SUITE_VOLUME, "configMap": _suite_volume_source(suite, configmap, key)},
             {"name": SCRATCH_VOLUME, "emptyDir": {}},
         ],
     }
+    if dataset is not None and dataset.volume is not None:
+        pod_spec["volumes"].append(dataset.volume)
+        container["volumeMounts"].append({"name": DATASET_VOLUME, "mountPath": DATASET_MOUNT_PATH, "readOnly": True})
     if spec.service_account_name:
         pod_spec["serviceAccountName"] = spec.service_account_name
 

@@ -174,10 +174,14 @@ class Progression:
     # ------------------------------------------------------------ steps
 
     def _start(self, evalrun: dict[str, Any], spec: EvalRunSpec, suite: EvalRunSuite, attempt: Attempt) -> None:
+        try:  # before admission: a suite that cannot start must not replace another's run
+            configmap = builders.build_suite_configmap(evalrun, spec, suite)
+        except builders.SuiteTooLarge as exc:
+            self._refuse_invalid(evalrun, suite.name, str(exc))
+            return
         if attempt.number == 1 and not self._admit(evalrun, spec, suite):
             return
         self._ensure_token_secret(evalrun)
-        configmap = builders.build_suite_configmap(evalrun, spec, suite)
         if configmap is not None:
             self.kube.create_owned(configmap, evalrun)
         job = builders.build_job(evalrun, suite, attempt.number, attempt.parent_run_id,
@@ -277,6 +281,12 @@ class Progression:
         self.kube.post_event(evalrun, "Warning", "Refused", message)
         log.get(suite=suite).warning(log.SUITE_REFUSED, evalrun=f"{scope.namespace}/{scope.name}",
                                      live_run_ids=[a.run_id for a in live])
+
+    def _refuse_invalid(self, evalrun: dict[str, Any], suite: str, why: str) -> None:
+        """A suite the API server would not let start: failed for good, like a refusal, with why and what to do."""
+        message = f"{status.REFUSED_PREFIX} {why}"
+        self._refusals[(Scope.of(evalrun), suite)] = message
+        self.kube.post_event(evalrun, "Warning", "InvalidSpec", message)
 
     def _replace(self, evalrun: dict[str, Any], suite: str, live: list[LiveAttempt]) -> None:
         meta = evalrun["metadata"]

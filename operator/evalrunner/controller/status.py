@@ -1,9 +1,9 @@
 """EvalRun status, rebuilt from the world (store rows) on every change. Pure functions.
 
 The status never remembers what the rows can tell: each suite's latest
-attempt, its phase, counts and cause come from the store. Only a refusal by
-the suite's concurrency policy has no row, so it is carried over from the
-previous status.
+attempt, its phase, counts and cause come from the store. Only a refusal (by
+the suite's concurrency policy, or of a suite too large for its ConfigMap) has
+no row, so it is carried over from the previous status.
 """
 
 from __future__ import annotations

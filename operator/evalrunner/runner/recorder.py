@@ -4,8 +4,9 @@ Store calls block (DuckDB, or HTTP in cluster mode), so they run on one
 dedicated thread; the event loop only queues events. Every case event is
 committed within `flush_interval_s` plus the time of one batch write (tens of
 milliseconds), so a SIGKILL loses at most that window, never an earlier case.
-When a case starts and ends inside one window, only its final state is
-written: nothing durable was ever `running` in between.
+A case's `running` row is written by the first flush that finds it in flight;
+a case that starts and ends inside one window is written once, in its final
+state (nothing durable was ever `running` in between), and costs no event.
 
 A batch that fails (a full disk, a store briefly unreachable) loses nothing:
 the latest event of each row it could not save is kept and retried with the
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from datetime import datetime
 from typing import Callable
 
 from .. import log
@@ -27,6 +29,11 @@ from ..timing import FLUSH_INTERVAL_S, HEARTBEAT_INTERVAL_S
 # Unsaved rows are retried with backoff while their saves keep failing: on a full
 # disk every retry is a failed transaction per row, and they would crowd out the rest.
 MAX_RETRY_INTERVAL_S = 2.0
+# A batch this big is written without waiting for the flush interval: fast cases then write while
+# they run, instead of leaving it all to the end of the run.
+CATCH_UP_EVENTS = 1000
+
+InFlight = tuple[str, str, "datetime"]  # (run id, case name, started at)
 
 
 class CaseRecorder:
@@ -55,13 +62,26 @@ class CaseRecorder:
         self.fenced = False
         self._on_fenced = on_fenced
         self._pending: list[CaseEvent] = []
+        self._in_flight: dict[str, InFlight] = {}  # case row id -> a case started and not finished
+        self._running_written: set[str] = set()  # in-flight rows already written as `running`
         self._stop = asyncio.Event()
+        self._batch_full = asyncio.Event()  # set by `record` at CATCH_UP_EVENTS, and by `close`
         self._tasks: list[asyncio.Task[None]] = []
         self._log = log.get(run_id=run_id, suite=suite)
 
+    def started(self, row_id: str, run_id: str, name: str, started_at: datetime) -> None:
+        """A case started: its `running` row goes with the next flush, if it is still running then."""
+        if self.persist and not self.fenced:
+            self._in_flight[row_id] = (run_id, name, started_at)
+
     def record(self, event: CaseEvent) -> None:
+        """A case's latest state (its final one, from the runner)."""
         if self.persist and not self.fenced:
             self._pending.append(event)
+            if len(self._pending) == CATCH_UP_EVENTS:
+                self._batch_full.set()
+            if self._in_flight.pop(event.row_id, None) is not None:
+                self._running_written.discard(event.row_id)
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._flush_loop(), name="flush")]
@@ -75,6 +95,7 @@ class CaseRecorder:
         batch waits for the store thread would drop that batch.
         """
         self._stop.set()
+        self._batch_full.set()
         for task in self._tasks:
             if task.get_name() != "flush":
                 task.cancel()
@@ -94,6 +115,9 @@ class CaseRecorder:
         if self.fenced:
             return
         batch, self._pending = self._pending, []
+        batch += [CaseEvent(row_id, run_id, name, RunStatus.RUNNING.value, started_at)
+                  for row_id, (run_id, name, started_at) in self._in_flight.items()
+                  if row_id not in self._running_written]
         if batch:
             await self._save(batch)
         now = asyncio.get_running_loop().time()
@@ -138,13 +162,18 @@ class CaseRecorder:
         # Durable now: these case results, and these rows as `running` (not results yet).
         results = [row_id for row_id in saved if latest[row_id].status != RunStatus.RUNNING.value]
         running = [row_id for row_id in saved if latest[row_id].status == RunStatus.RUNNING.value]
+        self._running_written.update(row_id for row_id in running if row_id in self._in_flight)
         if results or running:
             self._log.debug(log.CASES_SAVED, case_ids=results, running_ids=running)
 
     async def _flush_loop(self) -> None:
         while not self._stop.is_set():
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), timeout=self.flush_interval_s)
+            # Fast cases fill a batch while the last one was written: write it at once, or the writes
+            # fall behind and the run's end waits for them all.
+            if len(self._pending) < CATCH_UP_EVENTS:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._batch_full.wait(), timeout=self.flush_interval_s)
+            self._batch_full.clear()
             await self.flush()
 
     async def _heartbeat_loop(self) -> None:

@@ -10,6 +10,8 @@ apps in one process cannot collide):
   `evalrunner_run_terminations_total{cause,terminated_by}` (failed rows),
   `evalrunner_detection_delay_seconds{detector}`,
   `evalrunner_case_duration_seconds{status}`,
+  `evalrunner_tokens_total{suite,kind}` (prompt or completion tokens, summed
+  over closed runs from their totals: a run's tokens count once it closes),
   `evalrunner_run_heartbeat_age_seconds{run_id,suite}` and its max.
 - Measured in this process: `evalrunner_store_write_seconds` (each write
   transaction, conflict retries included) and
@@ -116,6 +118,14 @@ class DatabaseCollector(Collector):
             "evalrunner_case_duration_seconds", "Case durations (carried-over cases excluded), by case status.",
             "status", snap.case_duration,
         )
+
+        tokens = CounterMetricFamily(
+            "evalrunner_tokens", "Tokens spent by closed runs' model calls (targets and judges), by suite and kind "
+            "(prompt or completion).", labels=["suite", "kind"],
+        )
+        for (suite, kind), n in sorted(snap.tokens.items()):
+            tokens.add_metric([suite, kind], n)
+        yield tokens
 
         ages = GaugeMetricFamily(
             "evalrunner_run_heartbeat_age_seconds", "Seconds since each running run's last heartbeat.",

@@ -11,6 +11,8 @@ Routes:
   GET  /evals                    runs, newest first: ?status=&suite=&limit=&before=|after= (keyset cursors)
   GET  /evals/runs/{run_id}      one run: fields, stuck reason, attempts, cases
   POST /evals/runs/{run_id}/terminate   admin session + CSRF token + same origin
+  GET  /evals/compare?a=&b=      two runs compared case by case (compare_page.py)
+  GET  /evals/suites/{suite}     a suite's history: chart and runs, regressions marked (suite_page.py)
   GET  /evals/login, POST /evals/login, POST /evals/logout
   GET  /evals/static/...         the stylesheet
 
@@ -34,10 +36,11 @@ from aiohttp import web
 from .. import recovery
 from ..models import RunStatus
 from ..owner import local_liveness
-from ..report import duration_s, verdict
+from ..report import duration_s, run_tokens, tokens_text, verdict
 from ..store.duckdb_store import DuckDBStore, utcnow
 from ..store.records import CaseRow, CaseTally, RunRow
 from ..timing import HEARTBEAT_LEASE_S
+from ..usage import Usage
 from .admin_session import (
     AdminSessions,
     Session,
@@ -52,6 +55,7 @@ from .stuck import Stuck, heartbeat_age_s, why_stuck
 
 PAGE_SIZE = 50
 MAX_PAGE_SIZE = 100  # the largest page stays well under the 100 ms bar at 100,000 runs (bench/page_paging.py)
+COMPARE_CHOICES = 20  # runs offered by a run page's compare form
 STATUSES = tuple(s.value for s in RunStatus)
 STATIC_DIR = Path(__file__).with_name("static")
 LOGIN_FAILURE_DELAY_S = 0.5  # slows guessing; the admin token should be long and random anyway
@@ -103,6 +107,12 @@ def add_routes(app: web.Application, settings: PageSettings) -> None:
     app.router.add_post("/evals/logout", logout)
     app.router.add_get("/evals/runs/{run_id}", run_page)
     app.router.add_post("/evals/runs/{run_id}/terminate", terminate)
+    # Imported here: those views build on this module's layout and helpers.
+    from .compare_page import compare_page
+    from .suite_page import suite_page
+
+    app.router.add_get("/evals/compare", compare_page)
+    app.router.add_get("/evals/suites/{suite}", suite_page)
     app.router.add_static("/evals/static", STATIC_DIR, append_version=False)
 
 
@@ -202,6 +212,8 @@ class RunView:
     stuck: Stuck | None
     liveness: str
     now: datetime
+    previous: RunRow | None = None  # the suite's finished run before this one, to compare with
+    comparable: list[RunRow] = field(default_factory=list)  # the suite's latest finished runs, for the form
 
 
 def read_run_view(store: DuckDBStore, run_id: str, settings: PageSettings, now: datetime) -> RunView | None:
@@ -213,6 +225,9 @@ def read_run_view(store: DuckDBStore, run_id: str, settings: PageSettings, now: 
         why_stuck(run, now, settings.liveness, settings.heartbeat_timeout_s),
         settings.liveness(run.owner) if run.status == RunStatus.RUNNING.value else "",
         now,
+        previous=next(iter(store.final_runs(run.suite, limit=1, before=run)), None),
+        comparable=[r for r in store.final_runs(run.suite, limit=COMPARE_CHOICES + 1)
+                    if r.id != run.id][:COMPARE_CHOICES],
     )
 
 
@@ -371,7 +386,8 @@ def render_runs(view: RunsView) -> Safe:
         parts.append(html(
             '<table class="runs" id="runs"><thead><tr><th>Run</th><th>Suite</th><th>Status</th><th>Cause</th>'
             '<th class="num">Attempt</th><th>Started</th><th class="num">Duration</th>'
-            '<th class="num">Pass</th><th class="num">Fail</th><th class="num">Error</th></tr></thead>'
+            '<th class="num">Pass</th><th class="num">Fail</th><th class="num">Error</th>'
+            '<th class="num">Tokens</th></tr></thead>'
             '<tbody>{}</tbody></table>', rows))
     else:
         parts.append(Safe('<p class="empty">No runs match.</p>'))
@@ -402,19 +418,24 @@ def render_run_row(run: RunRow, view: RunsView) -> Safe:
     if run.status == RunStatus.RUNNING.value:
         tally = view.tallies.get(run.id, CaseTally())
         counts = (tally.passed, tally.failed, tally.errored)
+        tokens = tally.total_tokens
     else:
         counts = (run.passed or 0, run.failed or 0, run.errored or 0)
+        tokens = run.total_tokens
     classes = f"run status-{run.status}" + (" stuck" if stuck else "")
     return html(
         '<tr class="{classes}" data-run-id="{id}" data-status="{status}">'
-        '<td class="id"><a href="{url}">{id}</a></td><td class="suite">{suite}</td>'
+        '<td class="id"><a href="{url}">{id}</a></td><td class="suite"><a href="{suite_url}">{suite}</a></td>'
         '<td class="status">{badge}{stuck}</td><td class="cause">{cause}</td><td class="num">{attempt}</td>'
         '<td class="time">{started}</td><td class="num">{duration}</td>'
-        '<td class="num pass">{p}</td><td class="num fail">{fl}</td><td class="num errored">{e}</td></tr>',
+        '<td class="num pass">{p}</td><td class="num fail">{fl}</td><td class="num errored">{e}</td>'
+        '<td class="num tokens">{tokens}</td></tr>',
         classes=classes, id=run.id, status=run.status, url=_run_url(run.id), suite=run.suite,
+        suite_url=_suite_url(run.suite),
         badge=status_badge(run.status), stuck=stuck_badge(stuck), cause=run.cause or "",
         attempt=run.attempt, started=fmt_time(run.started_at or run.created_at),
         duration=fmt_duration(duration_s(run, view.now)), p=counts[0], fl=counts[1], e=counts[2],
+        tokens="" if tokens is None else f"{tokens:,}",
     )
 
 
@@ -448,6 +469,7 @@ def render_run(view: RunView, sessions: AdminSessions, session: Session | None, 
         parts.append(render_terminate(view, sessions, session, here))
     parts.append(render_fields(view))
     parts.append(render_attempts(view))
+    parts.append(render_compare_links(view))
     parts.append(render_cases(view))
     return join(parts)
 
@@ -474,6 +496,7 @@ def render_fields(view: RunView) -> Safe:
          if run.owner else None),
         ("Passed / failed / errored", f"{run.passed or 0} / {run.failed or 0} / {run.errored or 0}"
          if run.status != RunStatus.RUNNING.value else None),
+        ("Tokens", tokens_text(run_tokens(run, view.cases))),
         ("Terminated by", run.terminated_by),
         ("Lock policy", run.lock_policy),
         ("Source", run.source),
@@ -526,17 +549,44 @@ def render_attempts(view: RunView) -> Safe:
         '<tbody>{rows}</tbody></table>', n=len(view.attempts), rows=rows)
 
 
+def render_compare_links(view: RunView) -> Safe:
+    """Compare this run with the suite's previous finished run, or with one picked in a small form."""
+    run = view.run
+    history = html('<a href="{}" id="suite-history">History of suite {}</a>', _suite_url(run.suite), run.suite)
+    if run.status == RunStatus.RUNNING.value:
+        return html('<section class="compare" id="compare"><h2>Compare</h2>'
+                    '<p class="note">A run can be compared once it has finished. {}</p></section>', history)
+    previous = (html('<a href="{}" id="compare-previous">Compare with the previous run of this suite</a> '
+                     '(<code>{}</code>, {})', _compare_url(view.previous.id, run.id), view.previous.id,
+                     fmt_time(view.previous.started_at or view.previous.created_at))
+                if view.previous else Safe('No earlier finished run of this suite.'))
+    choices = join(html('<option value="{}">{} · {} passed, {} failed, {} errored</option>', r.id,
+                        fmt_time(r.started_at or r.created_at), r.passed or 0, r.failed or 0, r.errored or 0)
+                   for r in view.comparable)
+    return html(
+        '<section class="compare" id="compare"><h2>Compare</h2><p>{previous} · {history}</p>'
+        '<form method="get" action="/evals/compare" class="filters" id="compare-form">'
+        '<input type="hidden" name="b" value="{id}">'
+        '<label>With run <input type="text" name="a" id="compare-with" list="compare-runs" required '
+        'placeholder="run id or prefix"></label><datalist id="compare-runs">{choices}</datalist> '
+        '<button type="submit" id="compare-submit">Compare</button></form></section>',
+        previous=previous, history=history, id=run.id, choices=choices,
+    )
+
+
 def render_cases(view: RunView) -> Safe:
     if not view.cases:
         return Safe('<h2>Cases</h2><p class="empty">No case rows yet.</p>')
-    rows = join(render_case_row(c) for c in view.cases)
+    with_tokens = any(c.total_tokens is not None for c in view.cases)  # a column only where a model reported usage
+    rows = join(render_case_row(c, with_tokens) for c in view.cases)
     return html(
         '<h2>Cases ({})</h2><table class="cases" id="cases"><thead><tr><th>Case</th><th>Status</th><th>Result</th>'
-        '<th class="num">Score</th><th class="num">Time</th><th>Started</th><th>Output</th><th>Error</th>'
-        '</tr></thead><tbody>{}</tbody></table>', len(view.cases), rows)
+        '<th class="num">Score</th><th class="num">Time</th>{}<th>Started</th><th>Output</th><th>Error</th>'
+        '</tr></thead><tbody>{}</tbody></table>', len(view.cases),
+        Safe('<th class="num">Tokens</th>') if with_tokens else "", rows)
 
 
-def render_case_row(case: CaseRow) -> Safe:
+def render_case_row(case: CaseRow, with_tokens: bool = False) -> Safe:
     v = verdict(case)
     error = case.error or ""
     if case.cause:
@@ -544,13 +594,19 @@ def render_case_row(case: CaseRow) -> Safe:
     note = html(' <span class="note">carried over from {}</span>', case.carried_from) if case.carried_from else ""
     return html(
         '<tr class="case verdict-{v}" data-case="{name}"><td class="name">{name}{note}</td>'
-        '<td class="case-status">{status}</td><td>{badge}</td><td class="num">{score}</td><td class="num">{time}</td><td class="time">{started}</td>'
-        '<td class="output">{output}</td><td class="error-text">{error}</td></tr>',
+        '<td class="case-status">{status}</td><td>{badge}</td><td class="num">{score}</td><td class="num">{time}</td>'
+        '{tokens}<td class="time">{started}</td><td class="output">{output}</td><td class="error-text">{error}</td></tr>',
         v=v, name=case.name, note=note, status=case.status, badge=html('<span class="badge verdict-{}">{}</span>', v, v),
         score="" if case.score is None else f"{case.score:.3g}",
         time="" if case.duration_ms is None else fmt_duration(case.duration_ms / 1000),
         started=fmt_time(case.started_at), output=render_output(case.output), error=error,
+        tokens=html('<td class="num tokens" title="{}">{}</td>', _case_tokens_title(case),
+                    "" if case.total_tokens is None else f"{case.total_tokens:,}") if with_tokens else "",
     )
+
+
+def _case_tokens_title(case: CaseRow) -> str:
+    return tokens_text(Usage(case.prompt_tokens, case.completion_tokens, case.total_tokens)) or "no usage reported"
 
 
 def render_output(text: str | None, preview_chars: int = 80) -> Safe:
@@ -644,6 +700,14 @@ def _redirect(location: str) -> web.Response:
 
 def _run_url(run_id: str) -> str:
     return f"/evals/runs/{path_segment(run_id)}"
+
+
+def _suite_url(suite: str) -> str:
+    return f"/evals/suites/{path_segment(suite)}"
+
+
+def _compare_url(a: str | None, b: str) -> str:
+    return query("/evals/compare", a=a, b=b)
 
 
 def _with_notice(url: str, notice: str) -> str:

@@ -19,6 +19,7 @@ Invariants kept here:
 from __future__ import annotations
 
 import hashlib
+from operator import attrgetter
 import os
 import secrets
 import shutil
@@ -38,6 +39,7 @@ from ..scope import Scope, lock_domain
 from . import errors
 from .records import (
     Admission,
+    CaseDifference,
     CaseEvent,
     CaseRow,
     CaseTally,
@@ -63,19 +65,28 @@ FAILED = RunStatus.FAILED.value
 RUN_COLUMNS = (
     "id, suite, status, created_at, started_at, completed_at, error, cause, owner, heartbeat_at, "
     "deadline_at, attempt, parent_run_id, timeout_seconds, case_count, passed, failed, errored, "
-    "lock_policy, terminated_by, source, scope"
+    "lock_policy, terminated_by, source, scope, prompt_tokens, completion_tokens, total_tokens"
 )
 CASE_COLUMNS = (
     "id, run_id, name, status, created_at, started_at, completed_at, error, cause, passed, score, "
-    "output, detail, duration_ms, carried_from"
+    "output, detail, duration_ms, carried_from, prompt_tokens, completion_tokens, total_tokens"
 )
+TOKEN_COLUMNS = ("prompt_tokens", "completion_tokens", "total_tokens")
 
-# A run's totals, counted from its case rows (in an UPDATE of eval_runs).
+# A run's totals, counted from its case rows in one pass: `UPDATE eval_runs SET {_RECOUNT} FROM
+# ({_CASE_TOTALS} WHERE …) totals`. Tokens are this attempt's: a carried-over case's were counted by the
+# run it ran in.
+_CASE_TOTALS = (
+    "SELECT run_id AS totals_run_id, "
+    "count(*) FILTER (WHERE status = 'completed' AND passed) AS n_passed, "
+    "count(*) FILTER (WHERE status = 'completed' AND NOT passed) AS n_failed, "
+    "count(*) FILTER (WHERE status = 'failed') AS n_errored, "
+    + ", ".join(f"sum({column}) FILTER (WHERE carried_from IS NULL) AS n_{column}" for column in TOKEN_COLUMNS)
+    + " FROM eval_cases"
+)
 _RECOUNT = (
-    "passed = (SELECT count(*) FROM eval_cases c WHERE c.run_id = eval_runs.id AND c.status = 'completed' AND c.passed), "
-    "failed = (SELECT count(*) FROM eval_cases c WHERE c.run_id = eval_runs.id AND c.status = 'completed' "
-    "AND NOT c.passed), "
-    "errored = (SELECT count(*) FROM eval_cases c WHERE c.run_id = eval_runs.id AND c.status = 'failed')"
+    "passed = coalesce(n_passed, 0), failed = coalesce(n_failed, 0), errored = coalesce(n_errored, 0), "
+    + ", ".join(f"{column} = n_{column}" for column in TOKEN_COLUMNS)
 )
 # The cause a case row stranded under closed run `r` gets: the run's own; `runner_error` under a
 # completed run (as `_close_run` does); `manual` under a run failed by hand with no cause.
@@ -336,7 +347,7 @@ class DuckDBStore:
                 cur.execute(
                     f"INSERT INTO eval_cases ({CASE_COLUMNS}) "
                     "SELECT ? || '/' || name, ?, name, status, ?, started_at, completed_at, error, cause, "
-                    "passed, score, output, detail, duration_ms, id "
+                    "passed, score, output, detail, duration_ms, id, prompt_tokens, completion_tokens, total_tokens "
                     "FROM eval_cases WHERE run_id = ? AND status = 'completed' AND list_contains(?, name)",
                     [run_id, run_id, now, request.parent_run_id, list(request.carried_case_names)],
                 )
@@ -417,8 +428,9 @@ class DuckDBStore:
 
     def _upsert_cases(self, cur: duckdb.DuckDBPyConnection, batch: list[CaseEvent]) -> bool:
         """Returns True when the run is fenced (no longer running) and nothing was written."""
-        for ev in batch:
-            self.faults.check("case_save", ev.name)
+        if self.faults:
+            for ev in batch:
+                self.faults.check("case_save", ev.name)
         run_ids = sorted({ev.run_id for ev in batch})
         now = self.clock()
         # The guard is a write, not a read: touching the run row orders this batch against a
@@ -431,26 +443,8 @@ class DuckDBStore:
         ).fetchall()
         if len(live) != len(run_ids):
             return True
-        cols = list(zip(*[
-            (ev.row_id, ev.run_id, ev.name, ev.status, now, ev.started_at, ev.completed_at, ev.error, ev.cause,
-             ev.passed, ev.score, ev.output, ev.detail, ev.duration_ms)
-            for ev in batch
-        ]))
-        # Column-wise parameters + UNNEST: one statement for the whole batch.
-        # A terminal case row is never overwritten (the WHERE on the update).
-        cur.execute(
-            "INSERT INTO eval_cases (id, run_id, name, status, created_at, started_at, completed_at, error, "
-            "cause, passed, score, output, detail, duration_ms) "
-            "SELECT unnest($1::VARCHAR[]), unnest($2::VARCHAR[]), unnest($3::VARCHAR[]), unnest($4::VARCHAR[]), "
-            "unnest($5::TIMESTAMPTZ[]), unnest($6::TIMESTAMPTZ[]), unnest($7::TIMESTAMPTZ[]), unnest($8::VARCHAR[]), "
-            "unnest($9::VARCHAR[]), unnest($10::BOOLEAN[]), unnest($11::DOUBLE[]), unnest($12::VARCHAR[]), "
-            "unnest($13::VARCHAR[]), unnest($14::DOUBLE[]) "
-            "ON CONFLICT (id) DO UPDATE SET status = excluded.status, completed_at = excluded.completed_at, "
-            "error = excluded.error, cause = excluded.cause, passed = excluded.passed, score = excluded.score, "
-            "output = excluded.output, detail = excluded.detail, duration_ms = excluded.duration_ms "
-            "WHERE eval_cases.status = 'running'",
-            [list(c) for c in cols],
-        )
+        for run_id in run_ids:
+            cur.execute(*_case_rows_upsert(run_id, now, [ev for ev in batch if ev.run_id == run_id]))
         return False
 
     # ------------------------------------------------------------ heartbeat
@@ -560,10 +554,13 @@ class DuckDBStore:
             "WHERE run_id = ? AND status = 'running'",
             [now, case_cause or Cause.RUNNER_ERROR.value, _case_error(status, cause, error), run_id],
         )
+        # LEFT JOIN: a run without case rows still closes (with zero totals).
         rows = cur.execute(
             f"UPDATE eval_runs SET status = ?, cause = ?, error = ?, completed_at = ?, terminated_by = ?, {_RECOUNT} "
-            f"WHERE id = ? AND status = 'running' RETURNING {RUN_COLUMNS}",
-            [status, cause, error, now, terminated_by, run_id],
+            f"FROM (SELECT * FROM (SELECT ? AS wanted) LEFT JOIN ({_CASE_TOTALS} WHERE run_id = ? GROUP BY run_id) "
+            f"ON totals_run_id = wanted) totals "
+            f"WHERE id = wanted AND status = 'running' RETURNING {_qualified(RUN_COLUMNS)}",
+            [status, cause, error, now, terminated_by, run_id, run_id],
         ).fetchall()
         return _run_row(rows[0]) if rows else None
 
@@ -621,7 +618,8 @@ class DuckDBStore:
                 [now, terminated_by],
             )
             cur.execute(
-                f"UPDATE eval_runs SET {_RECOUNT} WHERE list_contains(?, id)", [[s.run_id for s in found]]
+                f"UPDATE eval_runs SET {_RECOUNT} FROM ({_CASE_TOTALS} WHERE list_contains(?, run_id) "
+                "GROUP BY run_id) totals WHERE id = totals_run_id", [[s.run_id for s in found]]
             )
             return found
 
@@ -742,7 +740,8 @@ class DuckDBStore:
         return rows[::-1] if order == "ASC" else rows
 
     def case_tallies(self, run_ids: Sequence[str]) -> dict[str, CaseTally]:
-        """Pass/fail/error/running counts from the case rows, for runs whose totals are not written yet."""
+        """Pass/fail/error/running counts and tokens so far from the case rows, for runs whose totals are
+        not written yet."""
         if not run_ids:
             return {}
         rows = self._cur().execute(
@@ -750,11 +749,13 @@ class DuckDBStore:
             "count(*) FILTER (WHERE status = 'completed' AND passed), "
             "count(*) FILTER (WHERE status = 'completed' AND NOT coalesce(passed, false)), "
             "count(*) FILTER (WHERE status = 'failed'), "
-            "count(*) FILTER (WHERE status = 'running') "
+            "count(*) FILTER (WHERE status = 'running'), "
+            "sum(total_tokens) FILTER (WHERE carried_from IS NULL) "
             "FROM eval_cases WHERE list_contains(?, run_id) GROUP BY run_id",
             [list(run_ids)],
         ).fetchall()
-        return {r[0]: CaseTally(int(r[1]), int(r[2]), int(r[3]), int(r[4])) for r in rows}
+        return {r[0]: CaseTally(int(r[1]), int(r[2]), int(r[3]), int(r[4]), None if r[5] is None else int(r[5]))
+                for r in rows}
 
     def suite_names(self, limit: int = 200) -> list[str]:
         """Suites seen, most recently run first (for the page's suite filter)."""
@@ -762,6 +763,51 @@ class DuckDBStore:
             "SELECT suite FROM eval_runs GROUP BY suite ORDER BY max(created_at) DESC LIMIT ?", [limit]
         ).fetchall()
         return [r[0] for r in rows]
+
+    def final_runs(self, suite: str, limit: int = 50, before: RunRow | None = None) -> list[RunRow]:
+        """A suite's finished invocations, newest first: its closed runs that no later attempt resumed.
+
+        With `before`, only those created before that run (the attempts it
+        resumed are excluded anyway). A suite's history and a run's previous
+        run, for comparisons, are made of these.
+        """
+        clauses = ["suite = ?", "status <> 'running'",
+                   "NOT EXISTS (SELECT 1 FROM eval_runs later WHERE later.parent_run_id = eval_runs.id)"]
+        params: list[object] = [suite]
+        if before is not None:
+            clauses.append("(created_at < ? OR (created_at = ? AND id < ?))")
+            params += [before.created_at, before.created_at, before.id]
+        return self._select_runs(
+            self._cur(), f"WHERE {' AND '.join(clauses)} ORDER BY created_at DESC, id DESC LIMIT ?", [*params, limit]
+        )
+
+    def case_differences(self, pairs: Sequence[tuple[str, str]]) -> list[CaseDifference]:
+        """For each (before, after) pair of run ids, the cases whose presence or pass verdict differs.
+
+        Only the differences leave the database, so a suite's history costs
+        what changed between its runs, not every case row of every run.
+        """
+        if not pairs:
+            return []
+        rows = self._cur().execute(
+            "WITH pairs AS (SELECT unnest($1::VARCHAR[]) AS before_id, unnest($2::VARCHAR[]) AS after_id), "
+            "sides AS ("
+            " SELECT p.before_id, p.after_id, c.name, false AS is_after, c.status, c.passed "
+            " FROM pairs p JOIN eval_cases c ON c.run_id = p.before_id"
+            " UNION ALL"
+            " SELECT p.before_id, p.after_id, c.name, true, c.status, c.passed "
+            " FROM pairs p JOIN eval_cases c ON c.run_id = p.after_id) "
+            "SELECT before_id, after_id, name, "
+            "any_value(status) FILTER (WHERE NOT is_after), any_value(passed) FILTER (WHERE NOT is_after), "
+            "any_value(status) FILTER (WHERE is_after), any_value(passed) FILTER (WHERE is_after) "
+            "FROM sides GROUP BY before_id, after_id, name "
+            "HAVING count(*) FILTER (WHERE NOT is_after) = 0 OR count(*) FILTER (WHERE is_after) = 0 "
+            "OR bool_or(NOT is_after AND status = 'completed' AND coalesce(passed, false)) "
+            "<> bool_or(is_after AND status = 'completed' AND coalesce(passed, false)) "
+            "ORDER BY after_id, name",
+            [[p[0] for p in pairs], [p[1] for p in pairs]],
+        ).fetchall()
+        return [CaseDifference(*r) for r in rows]
 
     def metrics_snapshot(
         self, now: datetime, delay_buckets: Sequence[float], duration_buckets: Sequence[float]
@@ -800,7 +846,16 @@ class DuckDBStore:
                 "SELECT id, suite, heartbeat_at FROM eval_runs WHERE status = 'running' ORDER BY created_at"
             ).fetchall()
         ]
-        return MetricsSnapshot(by_status, terminations, delay_rows, duration_rows, heartbeats)
+        # Run totals, one row per run: cheaper than the case rows, and only closed runs have them.
+        tokens: dict[tuple[str, str], int] = {}
+        for suite, prompt, completion in cur.execute(
+            "SELECT suite, sum(prompt_tokens), sum(completion_tokens) FROM eval_runs "
+            "WHERE prompt_tokens IS NOT NULL OR completion_tokens IS NOT NULL GROUP BY suite"
+        ).fetchall():
+            for kind, n in (("prompt", prompt), ("completion", completion)):
+                if n is not None:
+                    tokens[(suite, kind)] = int(n)
+        return MetricsSnapshot(by_status, terminations, delay_rows, duration_rows, heartbeats, tokens)
 
     def import_runs(self, runs: Sequence[RunRow]) -> int:
         """Insert rows verbatim in one statement (bulk import; the page benchmark's 100,000 runs).
@@ -815,7 +870,7 @@ class DuckDBStore:
             "created_at": "TIMESTAMPTZ", "started_at": "TIMESTAMPTZ", "completed_at": "TIMESTAMPTZ",
             "heartbeat_at": "TIMESTAMPTZ", "deadline_at": "TIMESTAMPTZ", "attempt": "INTEGER",
             "timeout_seconds": "DOUBLE", "case_count": "INTEGER", "passed": "INTEGER", "failed": "INTEGER",
-            "errored": "INTEGER",
+            "errored": "INTEGER", **{column: "BIGINT" for column in TOKEN_COLUMNS},
         }
         values = []
         for name in columns:
@@ -842,6 +897,11 @@ class DuckDBStore:
 class RunIdTaken(errors.StoreError):
     def __init__(self, run_id: str):
         super().__init__(f"run id {run_id} already exists and belongs to another owner")
+
+
+def _qualified(columns: str) -> str:
+    """`a, b` as `eval_runs.a, eval_runs.b`: a RETURNING beside a FROM names its table."""
+    return ", ".join(f"eval_runs.{c.strip()}" for c in columns.split(","))
 
 
 def _scope_text(scope: Scope | None) -> str | None:
@@ -885,6 +945,50 @@ def _notify(observer: TransactionObserver, seconds: float, error: BaseException 
         observer(seconds, error)
     except Exception:  # metrics must never fail a write
         pass
+
+
+# The columns a batch of case events sets, with their SQL types (row id, run id and created_at are the
+# batch's own: one run, one moment).
+_CASE_EVENT_FIELDS = (
+    ("name", "VARCHAR"), ("status", "VARCHAR"), ("started_at", "TIMESTAMPTZ"), ("completed_at", "TIMESTAMPTZ"),
+    ("error", "VARCHAR"), ("cause", "VARCHAR"), ("passed", "BOOLEAN"), ("score", "DOUBLE"), ("output", "VARCHAR"),
+    ("detail", "VARCHAR"), ("duration_ms", "DOUBLE"), ("prompt_tokens", "INTEGER"), ("completion_tokens", "INTEGER"),
+    ("total_tokens", "INTEGER"),
+)
+
+
+def _case_rows_upsert(run_id: str, now: datetime, events: Sequence[CaseEvent]) -> tuple[str, list[object]]:
+    """One INSERT … ON CONFLICT for a batch of one run's case events: the statement and its parameters.
+
+    Column-wise parameters unnested into rows, one statement for the batch.
+    Converting Python values is most of what a batch costs (and it holds the
+    GIL the runner's event loop needs), so a column that is NULL in every
+    row is sent as a constant, timestamps as epoch seconds (a float converts
+    several times faster than a datetime), and the row id is built in SQL.
+    A terminal case row is never overwritten (the WHERE on the update).
+    """
+    params: list[object] = [run_id, now]
+    selected = []
+    for name, sql_type in _CASE_EVENT_FIELDS:
+        values = list(map(attrgetter(name), events))
+        if all(v is None for v in values):
+            selected.append(f"NULL::{sql_type} AS {name}")
+            continue
+        if sql_type == "TIMESTAMPTZ":
+            params.append([None if v is None else v.timestamp() for v in values])
+            selected.append(f"to_timestamp(unnest(${len(params)}::DOUBLE[])) AS {name}")
+        else:
+            params.append(values)
+            selected.append(f"unnest(${len(params)}::{sql_type}[]) AS {name}")
+    names = ", ".join(name for name, _ in _CASE_EVENT_FIELDS)
+    updated = ", ".join(f"{name} = excluded.{name}" for name, _ in _CASE_EVENT_FIELDS
+                        if name not in ("name", "started_at"))
+    sql = (
+        f"INSERT INTO eval_cases (id, run_id, created_at, {names}) "
+        f"SELECT $1 || '/' || name, $1, $2, {names} FROM (SELECT {', '.join(selected)}) "
+        f"ON CONFLICT (id) DO UPDATE SET {updated} WHERE eval_cases.status = 'running'"
+    )
+    return sql, params
 
 
 def _run_row(r: Sequence[object]) -> RunRow:

@@ -58,6 +58,11 @@ class RunRow:
     terminated_by: str | None
     source: str | None
     scope: Scope | None = None
+    # Tokens spent by the cases this attempt ran (carried-over cases excluded), summed when the run
+    # closes; None while it runs, and when no case reported usage.
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,9 @@ class CaseRow:
     detail: str | None
     duration_ms: float | None
     carried_from: str | None
+    prompt_tokens: int | None = None  # the case's model calls (target and judge); None: none reported
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
 
 
 @dataclass
@@ -96,6 +104,9 @@ class CaseEvent:
     output: str | None = None
     detail: str | None = None
     duration_ms: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -131,6 +142,7 @@ class CaseTally:
     failed: int = 0
     errored: int = 0
     running: int = 0
+    total_tokens: int | None = None  # of the cases this attempt ran
 
 
 @dataclass(frozen=True)
@@ -158,6 +170,7 @@ class MetricsSnapshot:
     detection_delay: dict[str, HistogramCounts]  # detector -> seconds from last heartbeat to termination
     case_duration: dict[str, HistogramCounts]  # case status -> seconds
     heartbeat_ages: list[HeartbeatAge]
+    tokens: dict[tuple[str, str], int] = field(default_factory=dict)  # (suite, prompt|completion) -> closed runs' sum
 
 
 def case_row_id(run_id: str, case_name: str) -> str:
@@ -180,3 +193,16 @@ def _json(value: Any) -> str:
         return json.dumps(value, ensure_ascii=False, sort_keys=True)
     except (TypeError, ValueError):
         return repr(value)
+
+
+@dataclass(frozen=True)
+class CaseDifference:
+    """A case whose presence or pass verdict differs between two runs (status None: no row in that run)."""
+
+    before_run_id: str
+    after_run_id: str
+    name: str
+    before_status: str | None
+    before_passed: bool | None
+    after_status: str | None
+    after_passed: bool | None

@@ -92,4 +92,17 @@ MIGRATIONS += (
     ),
 )
 
+MIGRATIONS += (
+    Migration(
+        3,
+        "token usage of each case, and of each run (summed when it closes)",
+        tuple(
+            f"ALTER TABLE {table} ADD COLUMN {column} {kind}"
+            # A run's sum may pass 2^31 where a case's count cannot.
+            for table, kind in (("eval_cases", "INTEGER"), ("eval_runs", "BIGINT"))
+            for column in ("prompt_tokens", "completion_tokens", "total_tokens")
+        ),
+    ),
+)
+
 CURRENT_VERSION = MIGRATIONS[-1].version

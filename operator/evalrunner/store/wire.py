@@ -128,10 +128,17 @@ def admission_from_json(data: dict[str, Any]) -> Admission:
     return Admission(run_row_from_json(data["run"]), tuple(run_row_from_json(r) for r in data.get("replaced", ())))
 
 
+# Sent only when known: a store service older than token usage refuses fields it does not know.
+TOKEN_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
+
+
 def case_event_to_json(ev: CaseEvent) -> dict[str, Any]:
     data = asdict(ev)
     data["started_at"] = _ts(ev.started_at)
     data["completed_at"] = _ts(ev.completed_at)
+    for key in TOKEN_FIELDS:
+        if data[key] is None:
+            del data[key]
     return data
 
 
@@ -150,6 +157,10 @@ def case_event_from_json(data: Any, index: int) -> CaseEvent:
     values = dict(data)
     values["started_at"] = _parse_ts(data["started_at"], f"{where}.started_at")
     values["completed_at"] = _parse_ts(data.get("completed_at"), f"{where}.completed_at")
+    for key in TOKEN_FIELDS:  # absent from older runners: None
+        count = data.get(key)
+        if count is not None and (not isinstance(count, int) or isinstance(count, bool) or not 0 <= count < 2**31):
+            raise WireError(f"{where}.{key}: must be a token count (an integer from 0), not {count!r}")
     return CaseEvent(**values)
 
 
