@@ -176,7 +176,7 @@ def test_second_process_gets_a_clear_error_naming_the_holder(tmp_path):
             DuckDBStore.open(path)
         message = str(exc.value)
         assert f"process {holder.pid}" in message
-        assert "Wait for that run to finish" in message and "--db" in message
+        assert "Wait for it to finish" in message and "--db" in message
     finally:
         holder.kill()
         holder.wait()
@@ -394,6 +394,6 @@ def test_a_version_2_database_gains_the_usage_columns(tmp_path):
     con.execute("INSERT INTO eval_runs (id, suite, status, created_at, passed) VALUES ('old', 's', 'completed', now(), 1)")
     con.close()
     with DuckDBStore.open(path) as s:
-        assert s.schema_version() == 3
+        assert s.schema_version() == CURRENT_VERSION
         old = s.get_run("old")
         assert old.passed == 1 and old.total_tokens is None

@@ -2,10 +2,17 @@
 
 Handlers are thin: authenticate, parse, call the store on its thread, answer.
 Every call is idempotent so runners can retry after a lost response.
+
+Every request is authenticated and every run's scope checked; what the token
+table and the run rows said is cached (`auth.TokenCheck`, `auth.RunScopes`),
+so most requests reach the store only for their write. Case batches and
+heartbeats go through the ingest queue (`ingest.Ingest`): a full queue is
+answered 503 with `Retry-After`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from typing import Any
 
@@ -16,9 +23,10 @@ from ..models import RunStatus
 from ..store import wire
 from ..store.duckdb_store import RunIdTaken
 from ..store.records import RunRow
-from .auth import Caller
+from .auth import Caller, bearer_token
 from ..store.thread import StoreThread
-from .context import CALLS, ON_CHANGE, STORE, TOKENS, http_error
+from .context import CALLS, INGEST, ON_CHANGE, RUN_SCOPES, STORE, TOKENS, http_error, json_error
+from .ingest import Busy
 
 MAX_EVENTS_PER_BATCH = 10_000
 
@@ -40,7 +48,11 @@ def _ctx(request: web.Request) -> tuple[Any, StoreThread]:
 
 
 async def _caller(request: web.Request) -> Caller:
-    caller = await request.app[CALLS](request.app[TOKENS].caller, request.headers.get("Authorization"))
+    tokens = request.app[TOKENS]
+    token = bearer_token(request.headers.get("Authorization"))
+    caller = None
+    if token is not None:
+        caller = tokens.cached(token) or await request.app[CALLS](tokens.look_up, token)
     if caller is None:
         raise http_error(web.HTTPUnauthorized, "missing or unknown bearer token (Authorization: Bearer <token>)")
     return caller
@@ -53,15 +65,36 @@ async def _body(request: web.Request) -> Any:
         raise http_error(web.HTTPBadRequest, "request body is not valid JSON") from None
 
 
-async def _owned_run(request: web.Request, caller: Caller) -> RunRow:
-    store, calls = _ctx(request)
+async def _owned_run_id(request: web.Request, caller: Caller) -> str:
+    """The run id of the path, once the caller may touch that run (its scope, cached: it never changes)."""
     run_id = request.match_info["run_id"]
-    run = await calls(store.get_run, run_id)
-    if run is None:
-        raise http_error(web.HTTPNotFound, f"no run {run_id}")
-    if not caller.may_write(run.scope):
+    scopes = request.app[RUN_SCOPES]
+    known, scope = scopes.get(run_id)
+    if not known:
+        store, calls = _ctx(request)
+        run = await calls(store.get_run, run_id)
+        if run is None:
+            raise http_error(web.HTTPNotFound, f"no run {run_id}")
+        scopes.remember(run_id, run.scope)
+        scope = run.scope
+    if not caller.may_write(scope):
         raise http_error(web.HTTPForbidden, f"this token may not access run {run_id} (it belongs to another EvalRun)")
+    return run_id
+
+
+async def _owned_run(request: web.Request, caller: Caller) -> RunRow:
+    run_id = await _owned_run_id(request, caller)
+    store, calls = _ctx(request)
+    run = await calls(store.get_run, run_id)
+    if run is None:  # deleted by retention since its scope was cached
+        raise http_error(web.HTTPNotFound, f"no run {run_id}")
     return run
+
+
+def _busy(exc: Busy) -> web.Response:
+    response = json_error(503, str(exc), kind="busy", retry_after_s=round(exc.retry_after_s, 3))
+    response.headers.update(exc.headers)
+    return response
 
 
 async def start_run(request: web.Request) -> web.Response:
@@ -89,6 +122,7 @@ async def start_run(request: web.Request) -> web.Response:
                      live_run_ids=list(exc.live_run_ids), owners=[]) from None
     except RunIdTaken as exc:
         raise http_error(web.HTTPConflict, str(exc), kind="run_id_taken") from None
+    request.app[RUN_SCOPES].remember(adm.run.id, adm.run.scope)
     request.app[ON_CHANGE](adm.run.scope)
     for replaced in adm.replaced:
         request.app[ON_CHANGE](replaced.scope)
@@ -117,23 +151,28 @@ async def list_runs(request: web.Request) -> web.Response:
 
 
 async def list_cases(request: web.Request) -> web.Response:
-    run = await _owned_run(request, await _caller(request))
+    run_id = await _owned_run_id(request, await _caller(request))
     store, calls = _ctx(request)
-    cases = await calls(store.cases, run.id)
+    cases = await calls(store.cases, run_id)
     return web.json_response({"cases": [
         {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in vars(c).items()} for c in cases
     ]})
 
 
 async def completed_cases(request: web.Request) -> web.Response:
-    run = await _owned_run(request, await _caller(request))
+    run_id = await _owned_run_id(request, await _caller(request))
     store, calls = _ctx(request)
-    return web.json_response({"names": await calls(store.completed_case_names, run.id)})
+    return web.json_response({"names": await calls(store.completed_case_names, run_id)})
 
 
 async def save_cases(request: web.Request) -> web.Response:
     caller = await _caller(request)
-    run = await _owned_run(request, caller)
+    run_id = await _owned_run_id(request, caller)
+    ingest = request.app[INGEST]
+    try:
+        ingest.check_room()  # a full queue is refused before the body is read and parsed
+    except Busy as exc:
+        return _busy(exc)
     body = await _body(request)
     events_json = body.get("events") if isinstance(body, dict) else None
     if not isinstance(events_json, list):
@@ -145,18 +184,22 @@ async def save_cases(request: web.Request) -> web.Response:
         events = [wire.case_event_from_json(e, i) for i, e in enumerate(events_json)]
     except wire.WireError as exc:
         raise http_error(web.HTTPBadRequest, str(exc)) from None
-    foreign = [e.row_id for e in events if e.run_id != run.id]
+    foreign = [e.row_id for e in events if e.run_id != run_id]
     if foreign:
-        raise http_error(web.HTTPForbidden, f"events for other runs in a batch for run {run.id}: {foreign[:3]}")
-    store, calls = _ctx(request)
-    report = await calls(store.save_cases, events)
+        raise http_error(web.HTTPForbidden, f"events for other runs in a batch for run {run_id}: {foreign[:3]}")
+    try:
+        saved = ingest.save_cases(events)
+    except Busy as exc:
+        return _busy(exc)
+    # Shielded: a client that hangs up does not unqueue its batch; the answer is just not read.
+    report = await asyncio.shield(asyncio.wrap_future(saved))
     return web.json_response(wire.save_report_to_json(report))
 
 
 async def heartbeat(request: web.Request) -> web.Response:
-    run = await _owned_run(request, await _caller(request))
-    store, calls = _ctx(request)
-    return web.json_response({"alive": await calls(store.heartbeat, run.id)})
+    run_id = await _owned_run_id(request, await _caller(request))
+    alive = await asyncio.shield(asyncio.wrap_future(request.app[INGEST].heartbeat(run_id)))
+    return web.json_response({"alive": alive})
 
 
 async def finish_run(request: web.Request) -> web.Response:
@@ -188,6 +231,8 @@ async def finish_run(request: web.Request) -> web.Response:
         request.app[ON_CHANGE](closed.scope)
         return web.json_response({"applied": True, "run": wire.run_row_to_json(closed)})
     current = await calls(store.get_run, run.id)
+    if current is None:  # deleted by retention meanwhile
+        raise http_error(web.HTTPNotFound, f"no run {run.id}")
     # A retry of a finish that already landed is a success, not a fence.
     replay = current.terminated_by == "runner" and current.status == status.value and current.cause == body.get("cause")
     return web.json_response({"applied": replay, "run": wire.run_row_to_json(current)})

@@ -1,4 +1,4 @@
-"""What every handler of the service shares: the store, its worker thread, the token check."""
+"""What every handler of the service shares: the store, its worker thread, the write queue, the caches."""
 
 from __future__ import annotations
 
@@ -9,11 +9,14 @@ from aiohttp import web
 
 from ..store.duckdb_store import DuckDBStore
 from ..store.thread import StoreThread
-from .auth import TokenCheck
+from .auth import RunScopes, TokenCheck
+from .ingest import Ingest
 
 STORE = web.AppKey("store", DuckDBStore)
 CALLS = web.AppKey("calls", StoreThread)  # every store call goes through it
 TOKENS = web.AppKey("tokens", TokenCheck)
+RUN_SCOPES = web.AppKey("run_scopes", RunScopes)
+INGEST = web.AppKey("ingest", Ingest)  # case batches and heartbeats: bounded, coalesced, heartbeats first
 STARTED = web.AppKey("started", float)
 HEALTH = web.AppKey("health", object)
 ON_CHANGE = web.AppKey("on_change", object)  # called with a run's scope when it starts or finishes

@@ -1,18 +1,23 @@
 """`/metrics` in the Prometheus text format.
 
-Two sources, one custom registry (never the library's global one, so two
+Three sources, one custom registry (never the library's global one, so two
 apps in one process cannot collide):
 
-- Read from the database at scrape time, on the store thread, so they are
-  true for the whole file whoever wrote it (the runner, the sweeper, the
-  controller, a manual recovery, an earlier process):
+- Read from `eval_runs` at scrape time (one row per run, never the case
+  rows), on the store thread, so they are true for the whole file whoever
+  wrote it (the runner, the sweeper, the controller, a manual recovery, an
+  earlier process):
   `evalrunner_runs{status}`, `evalrunner_stuck_runs{cause}`,
   `evalrunner_run_terminations_total{cause,terminated_by}` (failed rows),
   `evalrunner_detection_delay_seconds{detector}`,
-  `evalrunner_case_duration_seconds{status}`,
   `evalrunner_tokens_total{suite,kind}` (prompt or completion tokens, summed
   over closed runs from their totals: a run's tokens count once it closes),
   `evalrunner_run_heartbeat_age_seconds{run_id,suite}` and its max.
+- Counted from `eval_cases` once, when the app is built, then kept by the
+  store as it writes case rows (`store/case_durations.py`):
+  `evalrunner_case_duration_seconds{status}`. A scrape never scans the case
+  rows. Sound because this process holds the DuckDB file lock: every write
+  to the file while it runs is one of its own.
 - Measured in this process: `evalrunner_store_write_seconds` (each write
   transaction, conflict retries included) and
   `evalrunner_store_write_errors_total{error}`, through

@@ -25,6 +25,7 @@ import secrets
 import shutil
 import threading
 import time
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -51,6 +52,7 @@ from .records import (
     SaveReport,
     StrandedCases,
 )
+from .case_durations import RETURNED as CASE_STATE, CaseDurations, CaseState
 from .reserve import DiskReserve
 from .schema import CURRENT_VERSION, MIGRATIONS
 from .writer import Writer
@@ -99,6 +101,23 @@ _STRANDED_CAUSE = (
 _CONFLICT_RETRIES = 5
 
 
+# Closed runs deleted per retention transaction (with all their case rows).
+RETENTION_BATCH_RUNS = 200
+RETENTION_LOGGED_IDS = 50
+
+
+@dataclass
+class Retained:
+    """What one retention pass deleted."""
+
+    runs: int = 0
+    cases: int = 0
+    batches: int = 0
+    run_ids: list[str] = field(default_factory=list)  # the first RETENTION_LOGGED_IDS of them, oldest first
+    checkpointed: bool = False
+    checkpoint_error: str | None = None
+
+
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -122,6 +141,12 @@ class DuckDBStore:
         # Called after every write transaction with (seconds, exception or None); /metrics uses it.
         # It runs on the writing thread and must not raise (a failing observer is ignored).
         self.transaction_observer: TransactionObserver | None = None
+        # The case-duration histogram, kept as rows change once `track_case_durations` starts it;
+        # the open transaction's changes wait in `_case_changes` until it commits.
+        self.case_durations: CaseDurations | None = None
+        self._case_changes: list[tuple[str, list[CaseState]]] = []
+        # Bumped by every revocation, so a cache of token lookups knows to forget what it holds.
+        self.tokens_revoked = 0
 
     # ------------------------------------------------------------ opening
 
@@ -273,9 +298,11 @@ class DuckDBStore:
         cur = self._cur()
         for attempt in range(_CONFLICT_RETRIES):
             try:
+                self._case_changes = []
                 cur.begin()
                 result = body(cur)
                 cur.commit()
+                self._committed_case_changes()
                 return result
             except duckdb.FatalException as exc:
                 # A failed checkpoint (at commit, when the WAL grew large) invalidates the database:
@@ -294,6 +321,36 @@ class DuckDBStore:
                 _rollback(cur)
                 raise
         raise AssertionError("unreachable")
+
+    def _committed_case_changes(self) -> None:
+        changes, self._case_changes = self._case_changes, []
+        if self.case_durations is None:
+            return
+        for kind, rows in changes:
+            if kind == "written":
+                self.case_durations.written(rows)
+            else:
+                self.case_durations.deleted(rows)
+
+    def _write_cases(self, cur: duckdb.DuckDBPyConnection, sql: str, params: object, kind: str = "written",
+                     returning: str = CASE_STATE) -> None:
+        """Run a statement that writes case rows; when the counters are kept, note the rows it changed."""
+        if self.case_durations is None:
+            cur.execute(sql, params)
+            return
+        rows = cur.execute(f"{sql} RETURNING {returning}", params).fetchall()
+        if rows:
+            self._case_changes.append((kind, rows))
+
+    def track_case_durations(self, buckets: Sequence[float]) -> None:
+        """Count the case-duration histogram once, then keep it as this store writes (see case_durations)."""
+
+        def body(cur: duckdb.DuckDBPyConnection) -> None:
+            counts = CaseDurations(tuple(float(b) for b in buckets))
+            counts.load(cur)
+            self.case_durations = counts
+
+        self._writer.run(lambda: self._run_transaction(body))
 
     # ------------------------------------------------------------ opening runs
 
@@ -406,12 +463,9 @@ class DuckDBStore:
         Nothing is written once the run row is no longer `running`.
         """
         report = SaveReport()
-        latest: dict[str, CaseEvent] = {}
-        for ev in events:
-            latest[ev.row_id] = ev
-        if not latest:
+        batch = _latest_per_row(events)
+        if not batch:
             return report
-        batch = list(latest.values())
         try:
             fenced = self._transaction(lambda cur: self._upsert_cases(cur, batch))
             report.fenced = bool(fenced)
@@ -425,6 +479,78 @@ class DuckDBStore:
             except (duckdb.Error, errors.StoreError) as exc:
                 report.failures[ev.row_id] = f"{type(exc).__name__}: {exc}"
         return report
+
+    def save_case_batches(self, batches: Sequence[Sequence[CaseEvent]]) -> list[SaveReport]:
+        """Several callers' batches in one transaction (one writer call): one report per batch.
+
+        Each batch keeps its own guard inside the shared transaction: one
+        UPDATE of the runs' rows `WHERE status = 'running'` decides, for every
+        batch, whether its run is still open; a batch whose run was closed is
+        fenced and writes nothing while the others land, exactly as if each
+        were saved alone. The open batches' rows then go in one statement (a
+        statement costs about what a commit does, so one per batch would
+        undo most of the coalescing); a row that several batches carry ends
+        as it would if they were written one after another: at its first
+        terminal state, else its latest. If the shared transaction fails,
+        each batch is saved on its own (`save_cases`, which isolates a bad
+        row), so one bad batch cannot fail its neighbours.
+        """
+        return self.save_case_batches_and_heartbeats(batches, ())[0]
+
+    def save_case_batches_and_heartbeats(
+        self, batches: Sequence[Sequence[CaseEvent]], heartbeats: Sequence[str]
+    ) -> tuple[list[SaveReport], set[str]]:
+        """`save_case_batches` and `heartbeats` in one transaction (one commit, not two): (reports, alive run ids).
+
+        The heartbeats go first. If the transaction fails, the heartbeats and
+        then each batch are written on their own.
+        """
+        latest = [_latest_per_row(batch) for batch in batches]
+        if heartbeats:
+            self.faults.check("heartbeat")
+
+        def body(cur: duckdb.DuckDBPyConnection) -> tuple[list[bool], set[str]]:
+            alive = self._refresh_heartbeats(cur, heartbeats) if heartbeats else set()
+            return self._upsert_case_group(cur, latest), alive
+
+        try:
+            fenced, alive = self._transaction(body)  # type: ignore[misc]
+        except (duckdb.Error, errors.StoreError):
+            alive = self.heartbeats(heartbeats) if heartbeats else set()
+            return [self.save_cases(batch) for batch in batches], alive
+        reports = []
+        for was_fenced in fenced:
+            report = SaveReport()
+            report.fenced = bool(was_fenced)
+            reports.append(report)
+        return reports, alive
+
+    def _upsert_case_group(self, cur: duckdb.DuckDBPyConnection, batches: list[list[CaseEvent]]) -> list[bool]:
+        """The batches' guards and rows in one transaction; for each batch, True when it was fenced."""
+        if self.faults:
+            for ev in (ev for batch in batches for ev in batch):
+                self.faults.check("case_save", ev.name)
+        run_ids = sorted({ev.run_id for batch in batches for ev in batch})
+        if not run_ids:
+            return [False] * len(batches)
+        now = self.clock()
+        # The guard, as in `_upsert_cases`: a write to each run row, so DuckDB orders it against a close.
+        live = {r[0] for r in cur.execute(
+            "UPDATE eval_runs SET heartbeat_at = ? WHERE list_contains(?, id) AND status = 'running' RETURNING id",
+            [now, run_ids],
+        ).fetchall()}
+        fenced = [not all(ev.run_id in live for ev in batch) for batch in batches]
+        rows: dict[str, CaseEvent] = {}
+        for batch, was_fenced in zip(batches, fenced):
+            if was_fenced:
+                continue
+            for ev in batch:
+                earlier = rows.get(ev.row_id)
+                if earlier is None or earlier.status == RUNNING:  # a terminal row is never written again
+                    rows[ev.row_id] = ev
+        if rows:
+            self._write_cases(cur, *_case_rows_upsert(None, now, list(rows.values())))
+        return fenced
 
     def _upsert_cases(self, cur: duckdb.DuckDBPyConnection, batch: list[CaseEvent]) -> bool:
         """Returns True when the run is fenced (no longer running) and nothing was written."""
@@ -444,7 +570,7 @@ class DuckDBStore:
         if len(live) != len(run_ids):
             return True
         for run_id in run_ids:
-            cur.execute(*_case_rows_upsert(run_id, now, [ev for ev in batch if ev.run_id == run_id]))
+            self._write_cases(cur, *_case_rows_upsert(run_id, now, [ev for ev in batch if ev.run_id == run_id]))
         return False
 
     # ------------------------------------------------------------ heartbeat
@@ -461,6 +587,70 @@ class DuckDBStore:
             return bool(rows)
 
         return bool(self._transaction(body))
+
+    def heartbeats(self, run_ids: Sequence[str]) -> set[str]:
+        """Refresh the leases of several runs in one transaction; the ids still running (the rest are fenced)."""
+        self.faults.check("heartbeat")
+        if not run_ids:
+            return set()
+        return self._transaction(lambda cur: self._refresh_heartbeats(cur, run_ids))  # type: ignore[return-value]
+
+    def _refresh_heartbeats(self, cur: duckdb.DuckDBPyConnection, run_ids: Sequence[str]) -> set[str]:
+        rows = cur.execute(
+            "UPDATE eval_runs SET heartbeat_at = ? WHERE list_contains(?, id) AND status = 'running' RETURNING id",
+            [self.clock(), sorted(set(run_ids))],
+        ).fetchall()
+        return {r[0] for r in rows}
+
+    # ------------------------------------------------------------ retention
+
+    def delete_expired_runs(self, completed_before: datetime, batch_runs: int = RETENTION_BATCH_RUNS) -> Retained:
+        """Delete closed runs that ended before `completed_before`, with their case rows; never a running row.
+
+        In transactions of at most `batch_runs` runs, each its own writer
+        call, so other writes interleave and no transaction grows with the
+        history. A run's cases go in the same transaction as the run. Then a
+        CHECKPOINT, so the freed blocks are reused by later writes (DuckDB
+        does not give them back to the filesystem; the file stops growing
+        until new data fills them).
+        """
+        deleted = Retained()
+
+        def one_batch(cur: duckdb.DuckDBPyConnection) -> tuple[list[str], int]:
+            ids = [r[0] for r in cur.execute(
+                "SELECT id FROM eval_runs WHERE status <> 'running' AND completed_at < ? "
+                "ORDER BY completed_at LIMIT ?", [completed_before, batch_runs]).fetchall()]
+            if not ids:
+                return [], 0
+            before = self._case_changes_count()
+            self._write_cases(cur, "DELETE FROM eval_cases WHERE run_id IN (SELECT unnest(?::VARCHAR[]))", [ids],
+                              kind="deleted")
+            cases = self._case_changes_count() - before
+            if self.case_durations is None:
+                cases = int(cur.fetchone()[0])
+            runs = cur.execute(
+                "DELETE FROM eval_runs WHERE list_contains(?, id) AND status <> 'running' RETURNING id", [ids]
+            ).fetchall()
+            return [r[0] for r in runs], cases
+
+        while True:
+            runs, cases = self._transaction(one_batch)  # type: ignore[misc]
+            if not runs:
+                break
+            deleted.run_ids += runs[:RETENTION_LOGGED_IDS - len(deleted.run_ids)]
+            deleted.runs += len(runs)
+            deleted.cases += cases
+            deleted.batches += 1
+        if deleted.runs:
+            try:
+                self._writer.run(lambda: self._cur().execute("CHECKPOINT"))
+                deleted.checkpointed = True
+            except duckdb.Error as exc:  # the next automatic checkpoint frees the blocks instead
+                deleted.checkpoint_error = errors.first_line(str(exc))
+        return deleted
+
+    def _case_changes_count(self) -> int:
+        return sum(len(rows) for _, rows in self._case_changes)
 
     # ------------------------------------------------------------ terminal writes
 
@@ -540,7 +730,8 @@ class DuckDBStore:
         self._land_case_events(cur, run_id, case_events, unsaved_cases)
         for row_id, save_error in unsaved_cases.items():
             name = row_id.split("/", 1)[-1]
-            cur.execute(
+            self._write_cases(
+                cur,
                 "INSERT INTO eval_cases (id, run_id, name, status, created_at, started_at, completed_at, error, cause) "
                 "VALUES (?, ?, ?, 'failed', ?, ?, ?, ?, ?) "
                 "ON CONFLICT (id) DO UPDATE SET status = 'failed', completed_at = excluded.completed_at, "
@@ -549,7 +740,8 @@ class DuckDBStore:
                  Cause.CASE_SAVE_FAILED.value],
             )
         case_cause = cause if status == FAILED else Cause.RUNNER_ERROR.value
-        cur.execute(
+        self._write_cases(
+            cur,
             "UPDATE eval_cases SET status = 'failed', completed_at = ?, cause = ?, error = ? "
             "WHERE run_id = ? AND status = 'running'",
             [now, case_cause or Cause.RUNNER_ERROR.value, _case_error(status, cause, error), run_id],
@@ -609,13 +801,15 @@ class DuckDBStore:
             if not found:
                 return []
             now = self.clock()
-            cur.execute(
+            self._write_cases(
+                cur,
                 f"UPDATE eval_cases SET status = 'failed', completed_at = ?, cause = {_STRANDED_CAUSE}, "
                 "error = 'run was already ' || r.status || coalesce(' (' || r.cause || ')', '') "
                 "|| ' while this case was running; closed by ' || ? "
                 "FROM eval_runs r WHERE eval_cases.run_id = r.id AND eval_cases.status = 'running' "
                 "AND r.status <> 'running'",
                 [now, terminated_by],
+                returning=", ".join(f"eval_cases.{c.strip()}" for c in CASE_STATE.split(",")),
             )
             cur.execute(
                 f"UPDATE eval_runs SET {_RECOUNT} FROM ({_CASE_TOTALS} WHERE list_contains(?, run_id) "
@@ -645,6 +839,7 @@ class DuckDBStore:
 
     def revoke_token(self, token: str) -> None:
         self._transaction(lambda cur: cur.execute("DELETE FROM api_tokens WHERE token_sha256 = ?", [_sha256(token)]))
+        self.tokens_revoked += 1
 
     def scope_for_token(self, token: str) -> Scope | None:
         row = self._cur().execute("SELECT scope FROM api_tokens WHERE token_sha256 = ?", [_sha256(token)]).fetchone()
@@ -834,12 +1029,11 @@ class DuckDBStore:
             "AND coalesce(cause, '') <> 'replaced' AND heartbeat_at IS NOT NULL AND completed_at IS NOT NULL",
             delay_buckets,
         )
-        duration_rows = _histogram_rows(
-            cur,
-            "SELECT status AS label, duration_ms / 1000.0 AS x FROM eval_cases "
-            "WHERE duration_ms IS NOT NULL AND carried_from IS NULL",
-            duration_buckets,
-        )
+        counted = self.case_durations
+        if counted is not None and counted.buckets == tuple(float(b) for b in duration_buckets):
+            duration_rows = counted.snapshot()  # kept as rows change: no scan of eval_cases per scrape
+        else:
+            duration_rows = self.scan_case_durations(duration_buckets)
         heartbeats = [
             HeartbeatAge(r[0], r[1], (now - r[2]).total_seconds() if r[2] is not None else None)
             for r in cur.execute(
@@ -856,6 +1050,15 @@ class DuckDBStore:
                 if n is not None:
                     tokens[(suite, kind)] = int(n)
         return MetricsSnapshot(by_status, terminations, delay_rows, duration_rows, heartbeats, tokens)
+
+    def scan_case_durations(self, buckets: Sequence[float]) -> dict[str, HistogramCounts]:
+        """The case-duration histogram counted from every case row (what `case_durations` keeps without a scan)."""
+        return _histogram_rows(
+            self._cur(),
+            "SELECT status AS label, duration_ms / 1000.0 AS x FROM eval_cases "
+            "WHERE duration_ms IS NOT NULL AND carried_from IS NULL",
+            buckets,
+        )
 
     def import_runs(self, runs: Sequence[RunRow]) -> int:
         """Insert rows verbatim in one statement (bulk import; the page benchmark's 100,000 runs).
@@ -957,8 +1160,10 @@ _CASE_EVENT_FIELDS = (
 )
 
 
-def _case_rows_upsert(run_id: str, now: datetime, events: Sequence[CaseEvent]) -> tuple[str, list[object]]:
-    """One INSERT … ON CONFLICT for a batch of one run's case events: the statement and its parameters.
+def _case_rows_upsert(run_id: str | None, now: datetime, events: Sequence[CaseEvent]) -> tuple[str, list[object]]:
+    """One INSERT … ON CONFLICT for a batch of case events: the statement and its parameters.
+
+    `run_id`: the run of every event, sent once; None when they belong to several runs (one id per row).
 
     Column-wise parameters unnested into rows, one statement for the batch.
     Converting Python values is most of what a batch costs (and it holds the
@@ -969,6 +1174,9 @@ def _case_rows_upsert(run_id: str, now: datetime, events: Sequence[CaseEvent]) -
     """
     params: list[object] = [run_id, now]
     selected = []
+    if run_id is None:
+        params.append(list(map(attrgetter("run_id"), events)))
+        selected.append(f"unnest(${len(params)}::VARCHAR[]) AS row_run_id")
     for name, sql_type in _CASE_EVENT_FIELDS:
         values = list(map(attrgetter(name), events))
         if all(v is None for v in values):
@@ -983,12 +1191,21 @@ def _case_rows_upsert(run_id: str, now: datetime, events: Sequence[CaseEvent]) -
     names = ", ".join(name for name, _ in _CASE_EVENT_FIELDS)
     updated = ", ".join(f"{name} = excluded.{name}" for name, _ in _CASE_EVENT_FIELDS
                         if name not in ("name", "started_at"))
+    run = "$1" if run_id is not None else "coalesce($1::VARCHAR, row_run_id)"  # $1 is NULL; every $n must appear
     sql = (
         f"INSERT INTO eval_cases (id, run_id, created_at, {names}) "
-        f"SELECT $1 || '/' || name, $1, $2, {names} FROM (SELECT {', '.join(selected)}) "
+        f"SELECT {run} || '/' || name, {run}, $2, {names} FROM (SELECT {', '.join(selected)}) "
         f"ON CONFLICT (id) DO UPDATE SET {updated} WHERE eval_cases.status = 'running'"
     )
     return sql, params
+
+
+def _latest_per_row(events: Sequence[CaseEvent]) -> list[CaseEvent]:
+    """The latest event of each case row, in the order the rows first appear."""
+    latest: dict[str, CaseEvent] = {}
+    for ev in events:
+        latest[ev.row_id] = ev
+    return list(latest.values())
 
 
 def _run_row(r: Sequence[object]) -> RunRow:

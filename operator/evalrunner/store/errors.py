@@ -23,11 +23,19 @@ class StoreLockedError(StoreError):
         who = f"process {pid}" if pid else "another process"
         if holder:
             who += f" ({holder})"
-        super().__init__(
-            f"database {path} is in use by {who}. DuckDB lets one process write a file at a time. "
-            "Wait for that run to finish (or stop it), use another file with --db, "
-            "or view it through the process that holds it (`evalrunner serve`)."
-        )
+        command = holder or ""
+        if " controller" in command:
+            advice = ("A controller's file is read through its API and its /evals page "
+                      "(`kubectl port-forward` to its Service).")
+        elif " serve" in command:
+            advice = ("That server did not leave a record this user can use (`<db>.server.json`, mode 0600) "
+                      "for the CLI to work through it; is it another user's, or an older evalrunner?")
+        else:
+            advice = ("Wait for it to finish (or stop it), or use another file with --db. To run suites "
+                      "side by side on one file, start `evalrunner serve --db FILE` first: `run`, `runs`, `show`, "
+                      "`recover`, `verify`, `sweep` and `compare` then work through it.")
+        super().__init__(f"database {path} is in use by {who}. DuckDB lets one process write a file at a time. "
+                         + advice)
 
 
 class StoreReadOnlyError(StoreError):

@@ -105,4 +105,15 @@ MIGRATIONS += (
     ),
 )
 
+MIGRATIONS += (
+    Migration(
+        4,
+        "an index on eval_cases.run_id: closing a run, its tallies and retention look up its cases",
+        # A plain (non-unique) ART index on a column no statement updates: the upsert of case rows
+        # inserts with it and never changes it, so DuckDB's delete+insert of updated rows cannot
+        # trip a duplicate-key check on it.
+        ("CREATE INDEX IF NOT EXISTS eval_cases_run_id ON eval_cases (run_id)",),
+    ),
+)
+
 CURRENT_VERSION = MIGRATIONS[-1].version

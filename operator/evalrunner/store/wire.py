@@ -10,7 +10,7 @@ from ..models import LockPolicy
 from ..owner import Owner
 from ..scope import Scope
 from ..timing import DEADLINE_GRACE_S
-from .records import Admission, CaseEvent, RunRequest, RunRow, SaveReport
+from .records import Admission, CaseEvent, CaseRow, RunRequest, RunRow, SaveReport
 
 API_PREFIX = "/api/v1"
 
@@ -120,6 +120,14 @@ def run_row_from_json(data: dict[str, Any]) -> RunRow:
     return RunRow(**{f.name: values.get(f.name) for f in fields(RunRow)})
 
 
+def case_row_from_json(data: dict[str, Any]) -> CaseRow:
+    """A case row as `GET /runs/{id}/cases` lists it (its fields, timestamps in ISO form)."""
+    values = dict(data)
+    for key in ("created_at", "started_at", "completed_at"):
+        values[key] = _parse_ts(values.get(key), key)
+    return CaseRow(**{f.name: values.get(f.name) for f in fields(CaseRow)})
+
+
 def admission_to_json(adm: Admission) -> dict[str, Any]:
     return {"run": run_row_to_json(adm.run), "replaced": [run_row_to_json(r) for r in adm.replaced]}
 
@@ -130,10 +138,13 @@ def admission_from_json(data: dict[str, Any]) -> Admission:
 
 # Sent only when known: a store service older than token usage refuses fields it does not know.
 TOKEN_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
+# Case events cross the wire by the hundred thousand: their field names are looked up once.
+CASE_EVENT_FIELDS = tuple(f.name for f in fields(CaseEvent))
+_CASE_EVENT_FIELD_SET = frozenset(CASE_EVENT_FIELDS)
 
 
 def case_event_to_json(ev: CaseEvent) -> dict[str, Any]:
-    data = asdict(ev)
+    data = {name: getattr(ev, name) for name in CASE_EVENT_FIELDS}  # flat values: no need for asdict's copies
     data["started_at"] = _ts(ev.started_at)
     data["completed_at"] = _ts(ev.completed_at)
     for key in TOKEN_FIELDS:
@@ -146,7 +157,7 @@ def case_event_from_json(data: Any, index: int) -> CaseEvent:
     where = f"events[{index}]"
     if not isinstance(data, dict):
         raise WireError(f"{where}: must be an object")
-    unknown = set(data) - {f.name for f in fields(CaseEvent)}
+    unknown = data.keys() - _CASE_EVENT_FIELD_SET
     if unknown:
         raise WireError(f"{where}: unknown field(s): {', '.join(sorted(unknown))}")
     for required in ("row_id", "run_id", "name", "status", "started_at"):
