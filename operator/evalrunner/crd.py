@@ -82,7 +82,7 @@ PRINTER_COLUMNS = [
     _column("Suites", "string", ".status.progress", "Finished suites out of all suites."),
     _column("Passed", "integer", ".status.passed", "Cases that passed."),
     _column("Failed", "integer", ".status.failed", "Cases scored as failing."),
-    _column("Errored", "integer", ".status.errored", "Cases that errored.", priority=1),
+    _column("Errored", "integer", ".status.errored", "Cases that errored (could not be evaluated)."),
     _column("Age", "date", ".metadata.creationTimestamp"),
 ]
 

@@ -29,3 +29,11 @@ SHUTDOWN_DEFER_S = 2.0
 # How often the controller classifies runner pods against the clock, and sweeps rows against pods.
 SCAN_INTERVAL_S = 1.0
 SWEEP_INTERVAL_S = 5.0
+
+# A finished runner Job (and its pod) is deleted this long after its run row closed; the rows stay.
+JOB_TTL_S = 600.0
+
+# Every Kubernetes API request of the controller gives up after this long (connect, then read):
+# the client's default is to wait forever, and one hung call would hold a loop.
+API_CONNECT_TIMEOUT_S = 5.0
+API_REQUEST_TIMEOUT_S = 30.0

@@ -14,6 +14,7 @@ default ServiceAccount ready, and deletes it afterwards.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -58,7 +59,26 @@ class Cluster:
 
         return config.new_client_from_config(config_file=self.kubeconfig)
 
+    @functools.cached_property
+    def agent_without_state(self) -> bool:
+        """EVALRUNNER_KUBECONFIG names a cluster whose pods run under tools/k8s's node agent, but
+        EVALRUNNER_CLUSTER_DIR does not say where its state is: the pods' files cannot be found."""
+        if self.state_dir is not None:
+            return False
+        from kubernetes import client
+
+        with self.api_client() as api:
+            nodes = client.CoreV1Api(api).list_node(label_selector="evalrunner/node-agent=true").items
+        return bool(nodes)
+
+    def require_node_files(self) -> None:
+        """Skip, saying why, a test that reads the local node agent's per-pod files it cannot locate."""
+        if self.agent_without_state:
+            pytest.skip("the cluster's pods run under the tools/k8s node agent, which keeps their logs and mount "
+                        "roots in its state directory: set EVALRUNNER_CLUSTER_DIR to it (see tools/k8s/README.md)")
+
     def _pod_dir(self, namespace: str, name: str) -> Path:
+        self.require_node_files()
         if self.state_dir is None:
             # Only on a cluster given by EVALRUNNER_KUBECONFIG (kind, say), never in CI: its pods
             # run inside kubelets' containers, so there is no local process to SIGKILL or read.
@@ -90,6 +110,7 @@ class Cluster:
         reads its log file; on an existing cluster it asks the API server.
         """
         if self.state_dir is None:
+            self.require_node_files()  # the agent serves no kubelet API for `kubectl logs`
             from kubernetes import client
 
             with self.api_client() as api:

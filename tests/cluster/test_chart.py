@@ -59,15 +59,15 @@ def rendered_deployment_args(helm: str, release: str, namespace: str, values: li
 class Release:
     """`helm install` of the chart, plus the controller run locally as the chart's ServiceAccount."""
 
-    def __init__(self, cluster, helm: str, namespace: str, tmp: Path, watch: list[str]):
+    def __init__(self, cluster, helm: str, namespace: str, tmp: Path, watch: list[str], name: str = "er"):
         self.cluster, self.helm, self.namespace, self.tmp = cluster, helm, namespace, tmp
-        self.name = "er"
+        self.name = name
         self.values = ["--set", "replicaCount=0", "--set", "persistence.enabled=false"]
         if watch:
             self.values += ["--set", "watchNamespaces={" + ",".join(watch) + "}"]
         run([helm, "install", self.name, str(CHART), "--namespace", namespace, "--skip-crds", *self.values],
             kubeconfig=cluster.kubeconfig)
-        self.service_account = "er-evalrunner"
+        self.service_account = f"{name}-evalrunner"
         with cluster.api_client() as api:
             token = service_account_token(api, namespace, self.service_account)
         self.kubeconfig = kubeconfig_for_token(cluster.kubeconfig, token, tmp / "sa.kubeconfig")
@@ -114,12 +114,44 @@ def test_lint_is_clean_and_render_passes_server_side_dry_run(cluster, helm, kube
     assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
     assert container["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                                             "capabilities": {"drop": ["ALL"]}}
-    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/livez"  # loops turning, not the API server
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"  # the store answers
     assert "--namespace=team-a" in container["args"] and "--namespace=team-b" in container["args"]
     from evalrunner.cli import build_parser
 
     assert container["command"] == ["evalrunner"]
     build_parser().parse_args(container["args"])  # the image's CLI accepts what the chart runs
+
+
+def test_runner_image_and_storage_values_are_rendered(helm, cluster):
+    """A newcomer's values: their registry's image reaches the runners; their StorageClass or claim the data."""
+    def render(*values: str) -> list[dict]:
+        out = run([helm, "template", "er", str(CHART), "--namespace", "evals", "--kube-version", "1.34.4",
+                   *values]).stdout
+        return [d for d in yaml.safe_load_all(out) if d]
+
+    docs = render("--set", "image.repository=registry.example.com/evalrunner", "--set", "image.tag=0.3.1",
+                  "--set", "persistence.storageClassName=fast-ssd")
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == "registry.example.com/evalrunner:0.3.1"
+    assert "--runner-image=registry.example.com/evalrunner:0.3.1" in container["args"]
+    claim = next(d for d in docs if d["kind"] == "PersistentVolumeClaim")
+    assert claim["spec"]["storageClassName"] == "fast-ssd"
+
+    docs = render("--set", "controller.retainDays=30")
+    args = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--retain-days=30" in args, "retention reaches the controller"
+
+    docs = render("--set", "persistence.existingClaim=evals-data")
+    assert not [d for d in docs if d["kind"] == "PersistentVolumeClaim"], "an existing claim is used, not made"
+    volumes = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["volumes"]
+    assert {"name": "data", "persistentVolumeClaim": {"claimName": "evals-data"}} in volumes
+
+    notes = run([helm, "install", "er", str(CHART), "--dry-run=client", "--namespace", "evals",
+                 "--set", "image.repository=registry.example.com/evalrunner", "--set", "image.tag=0.3.1"],
+                kubeconfig=cluster.kubeconfig).stdout
+    assert "registry.example.com/evalrunner:0.3.1" in notes.split("NOTES:")[1], "NOTES.txt names the image"
 
 
 def test_values_schema_refuses_a_second_replica(helm):
@@ -208,20 +240,32 @@ def test_watching_every_namespace(cluster, helm, api, release_ns, tmp_path):
         release.uninstall()
 
 
-def test_watching_a_listed_namespace_leaves_the_others_alone(cluster, helm, api, release_ns, tmp_path):
-    watched, ignored = make_namespace(api, "watched"), make_namespace(api, "ignored")
-    release = Release(cluster, helm, release_ns, tmp_path, watch=[watched])
-    try:
-        release.controller.start()
-        EvalRuns(api, ignored).create(evalrun_manifest("e", [smoke_suite("s")]))
-        EvalRuns(api, watched).create(evalrun_manifest("e", [smoke_suite("s")]))
-        assert EvalRuns(api, watched).wait_phase("e", ("Succeeded", "Failed"))["phase"] == "Succeeded"
-        assert EvalRuns(api, ignored).status("e") == {}  # untouched: no status, no Jobs
-        from kubernetes import client
+def test_releases_sharded_by_namespace_each_keep_their_own_runs_and_leave_the_rest_alone(
+        cluster, helm, api, release_ns, tmp_path):
+    """Beyond one controller: one release per set of namespaces, each with its own database."""
+    from kubernetes import client
 
+    team_a, team_b, ignored = (make_namespace(api, p) for p in ("team-a", "team-b", "ignored"))
+    second_release_ns = make_namespace(api, "evalrunner-b")
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    releases = [Release(cluster, helm, release_ns, tmp_path / "a", watch=[team_a], name="er-a"),
+                Release(cluster, helm, second_release_ns, tmp_path / "b", watch=[team_b], name="er-b")]
+    try:
+        for release in releases:
+            release.controller.start()
+        for ns in (ignored, team_a, team_b):
+            EvalRuns(api, ns).create(evalrun_manifest("e", [smoke_suite("s")]))
+        for ns in (team_a, team_b):
+            assert EvalRuns(api, ns).wait_phase("e", ("Succeeded", "Failed"))["phase"] == "Succeeded"
+        assert EvalRuns(api, ignored).status("e") == {}  # untouched: no status, no Jobs
         assert client.BatchV1Api(api).list_namespaced_job(ignored).items == []
+        for release, ns in zip(releases, (team_a, team_b)):
+            runs = release.controller.api("/runs?limit=50")["runs"]
+            assert [r["status"] for r in runs] == ["completed"], runs
+            assert ns in runs[0]["scope"], runs  # this release's namespace only
     finally:
-        release.uninstall()
+        for release in releases:
+            release.uninstall()
 
 
 # ---------------------------------------------------------------- GitOps and kubectl
@@ -294,8 +338,9 @@ def test_kubectl_get_describe_and_explain(cluster, kubectl, controller, evalruns
 
     got = run([kubectl, "get", "evalruns", "-n", evalruns.namespace], kubeconfig=cluster.kubeconfig).stdout
     header, row = got.splitlines()[:2]
-    assert header.split() == ["NAME", "PHASE", "SUITES", "PASSED", "FAILED", "AGE"]
+    assert header.split() == ["NAME", "PHASE", "SUITES", "PASSED", "FAILED", "ERRORED", "AGE"]
     assert row.split()[:5] == ["kube", "Failed", "2/2", "2", "1"]
+    assert int(row.split()[5]) >= 1, row  # the killed runner's case in flight
     short = run([kubectl, "get", "er", "-n", evalruns.namespace], kubeconfig=cluster.kubeconfig).stdout
     assert short.splitlines()[1].startswith("kube")
 

@@ -267,6 +267,7 @@ def test_pod_environment_mounts_and_termination_message(cluster, namespace, api)
     if cluster.local_node:
         assert (pod.spec.node_name, pod.status.pod_ip) == (cluster.node_name, "127.0.0.1")
     # The local agent rewrites mount paths to a per-pod root; a real node mounts them.
+    cluster.require_node_files()
     root = cluster.state_dir / "pods" / namespace / "envcheck" / "root" if cluster.local_node else ""
     assert term.message == f"done: {root}/etc/evalrunner/suite/suite.yaml\n"
     lines = cluster.pod_log(namespace, "envcheck").splitlines()

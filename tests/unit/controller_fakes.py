@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 from kubernetes.client.rest import ApiException
 
 from evalrunner.controller import builders
+from evalrunner.controller.index import ClusterIndex
 from evalrunner.controller.wiring import Controller, ControllerSettings
 from evalrunner.faults import Faults
 from evalrunner.models import RunStatus
@@ -64,6 +66,7 @@ class FakeKube:
     events: list[Event] = field(default_factory=list)
     patches: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
     failures: dict[tuple[str, str], list[int]] = field(default_factory=dict)  # (verb, kind) -> statuses to raise
+    calls: Counter = field(default_factory=Counter)  # (verb, kind) -> requests made
     _uids: Any = field(default_factory=lambda: itertools.count(1))
 
     # ------------------------------------------------------------ test setup
@@ -72,6 +75,7 @@ class FakeKube:
         self.failures.setdefault((verb, kind), []).extend([status] * times)
 
     def _maybe_fail(self, verb: str, kind: str) -> None:
+        self.calls[(verb, kind)] += 1
         pending = self.failures.get((verb, kind))
         if pending:
             raise ApiException(status=pending.pop(0), reason="injected by the test")
@@ -185,6 +189,7 @@ class FakeKube:
         return self._get("EvalRun", namespace, name)
 
     def runner_pods(self, namespaces: tuple[str, ...]) -> list[dict[str, Any]]:
+        self._maybe_fail("list", "Pod")
         return [copy.deepcopy(o) for (kind, ns, _), o in self.objects.items()
                 if kind == "Pod" and (not namespaces or ns in namespaces)]
 
@@ -194,6 +199,7 @@ class FakeKube:
                 if kind == "Job" and ns == namespace and o["metadata"]["labels"].get(builders.LABEL_SUITE) == suite]
 
     def job_pods(self, namespace: str, job_name: str) -> list[dict[str, Any]]:
+        self._maybe_fail("list", "Pod")
         return [copy.deepcopy(o) for (kind, ns, _), o in self.objects.items()
                 if kind == "Pod" and ns == namespace
                 and o["metadata"]["labels"].get("batch.kubernetes.io/job-name") == job_name]
@@ -264,18 +270,32 @@ class World:
     controller: Controller
 
     @classmethod
-    def build(cls, namespaces: tuple[str, ...] = ()) -> World:
+    def build(cls, namespaces: tuple[str, ...] = (), indexed: bool = False) -> World:
+        """With `indexed`, the parts read pods, Jobs and nodes through an index that `sync_index` feeds."""
         clock = Clock()
         kube = FakeKube(clock)
         kube.add_node()
         store = DuckDBStore.open(":memory:", clock=clock, faults=Faults(""))
-        controller = Controller(store, kube, ControllerSettings(STORE_URL, namespaces=namespaces), clock=clock)
+        controller = Controller(store, kube, ControllerSettings(STORE_URL, namespaces=namespaces), clock=clock,
+                                index=ClusterIndex() if indexed else None,
+                                monotonic=lambda: clock.now.timestamp())
         return cls(clock, kube, store, controller)
 
     def close(self) -> None:
         self.store.close()
 
     # ------------------------------------------------------------ driving the controller
+
+    def sync_index(self) -> None:
+        """What the informers' listings would give: the fake API's pods, Jobs and nodes, now."""
+        index = self.controller.index
+        for kind, plural in (("Pod", "pods"), ("Job", "jobs"), ("Node", "nodes")):
+            index.replace(plural, [copy.deepcopy(o) for (k, _, _), o in self.kube.objects.items() if k == kind])
+
+    def watch_event(self, event_type: str, obj: dict[str, Any]) -> None:
+        """A pod's watch event, as its informer delivers it: into the index, then to the controller."""
+        self.controller.index.apply("pods", event_type, obj)
+        self.controller.on_runner_pod_event(obj, event_type)
 
     def created(self, evalrun: dict[str, Any]) -> None:
         """The EvalRun's ADDED event, then a refresh round."""

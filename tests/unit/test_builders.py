@@ -266,6 +266,17 @@ def test_resources_pass_through():
     assert "resources" not in container(job_for(evalrun()))
 
 
+def test_without_an_image_the_runner_uses_the_controllers_own():
+    """`spec.image` is optional: an EvalRun runs in whatever image the controller was installed with."""
+    er = evalrun()
+    assert parsed(er).image is None
+    assert container(job_for(er, default_image="registry.example.com/evalrunner:0.3.1"))["image"] == \
+        "registry.example.com/evalrunner:0.3.1"
+    pinned = evalrun(image="registry.example/evalrunner:0.2.0")
+    assert container(job_for(pinned, default_image="registry.example.com/evalrunner:0.3.1"))["image"] == \
+        "registry.example/evalrunner:0.2.0", "an EvalRun that names its image keeps it"
+
+
 def test_image_termination_message_and_security_context():
     job = job_for(evalrun(image="registry.example/evalrunner:0.2.0"))
     c = container(job)

@@ -10,11 +10,13 @@ import dataclasses
 
 from controller_fakes import NAMESPACE, World, suite, terminated
 
-from evalrunner.controller import builders
+from evalrunner.controller import builders, queue
 from evalrunner.controller.children import RunnerJob
 from evalrunner.controller.progression import Attempt, CloseLost, Start, Wait, attempt_step, wanted_attempt
-from evalrunner.models import Cause
+from evalrunner.models import Cause, RunStatus
+from evalrunner.owner import Owner
 from evalrunner.scope import Scope
+from evalrunner.store import RunRequest
 
 
 # ---------------------------------------------------------------- the pure decisions
@@ -74,6 +76,9 @@ def test_a_failed_secret_create_is_retried_and_no_job_starts_without_its_token(w
     assert world.job("er", "s") is None, "a Job without its token Secret would sit in CreateContainerConfigError"
     assert len(world.controller.queue) == 1, "the failed reconcile is marked again"
 
+    world.settle()
+    assert world.kube.objects.get(("Secret", NAMESPACE, "er-token")) is None, "retried before its backoff"
+    world.clock.advance(queue.BACKOFF_START_S)
     world.settle()
     secret = world.kube.objects.get(("Secret", NAMESPACE, "er-token"))
     assert secret is not None, "a transient API error broke the EvalRun for good"
@@ -277,6 +282,7 @@ def test_a_failing_reconcile_is_logged_and_retried(logs, world):
     world.kube.fail_next("get", "EvalRun", status=500)
     world.created(evalrun)
     assert [e["evalrun"] for e in logs.events("controller.reconcile_failed")] == [f"{NAMESPACE}/er"]
+    world.clock.advance(queue.BACKOFF_START_S)
     world.settle()
     assert world.job("er", "s") is not None
 
@@ -351,3 +357,38 @@ def test_a_dataset_suite_starts_with_its_dataset_mounted(world):
     suite_file = world.kube.objects[("ConfigMap", NAMESPACE, "er-qa")]["data"][builders.SUITE_KEY]
     assert "path: /etc/evalrunner/dataset/cases.jsonl" in suite_file
     assert world.kube.reasons("er") == ["Started"]
+
+
+def test_a_failing_evalrun_backs_off_and_an_event_still_reaches_it_at_once(logs, world):
+    """An API server that refuses every call is asked again after 0.5 s, 1 s, 2 s ..., not five times a second."""
+    evalrun = world.kube.add_evalrun("er", [suite("s")])
+    world.kube.fail_next("get", "EvalRun", status=500, times=4)
+    world.created(evalrun)
+    waits = []
+    for _ in range(3):
+        assert world.controller.refresh() == 0, "retried before its backoff"
+        waits.append(queue.backoff_delay(world.controller.queue.failures((NAMESPACE, "er"))))
+        world.clock.advance(waits[-1])
+        world.controller.refresh()
+    assert waits == [0.5, 1.0, 2.0]
+    assert len(logs.events("controller.reconcile_failed")) == 4
+    world.controller.on_evalrun_event(evalrun, "MODIFIED")  # an edit may be the fix: no waiting for it
+    world.controller.refresh()
+    assert world.job("er", "s") is not None
+    assert world.controller.queue.failures((NAMESPACE, "er")) == 0, "a success resets the backoff"
+
+
+def test_a_suite_that_finishes_between_two_refreshes_still_gets_its_suite_started_event(world):
+    world.created(world.kube.add_evalrun("fast", [suite("s")]))
+    pod = world.kube.pod_of(world.job("fast", "s"), "Running", {"running": {"startedAt": "2026-12-01T12:00:00Z"}})
+    run = world.store.start_run(RunRequest(
+        suite="s", case_names=("c0", "c1"), timeout_seconds=30, run_id=world.job("fast", "s")["metadata"][
+            "annotations"][builders.ANNOTATION_RUN_ID],
+        owner=Owner(kind="pod", namespace=NAMESPACE, pod=pod["metadata"]["name"], pod_uid=pod["metadata"]["uid"]),
+        scope=Scope.of(world.kube.evalrun("fast")), admitted=True)).run
+    world.store.finish_run(run.id, RunStatus.COMPLETED)  # opened and closed before any refresh saw it running
+    world.controller.on_run_changed(run.scope)
+    world.settle()
+    reasons = world.kube.reasons("fast")
+    assert "SuiteStarted" in reasons and "SuiteCompleted" in reasons, reasons
+    assert reasons.index("SuiteStarted") < reasons.index("SuiteCompleted")

@@ -86,7 +86,8 @@ def test_printer_columns():
     assert list(columns)[:5] == ["Phase", "Suites", "Passed", "Failed", "Errored"]
     assert columns["Phase"]["jsonPath"] == ".status.phase"
     assert columns["Suites"]["jsonPath"] == ".status.progress"
-    assert columns["Passed"]["type"] == columns["Failed"]["type"] == "integer"
+    assert columns["Passed"]["type"] == columns["Failed"]["type"] == columns["Errored"]["type"] == "integer"
+    assert "priority" not in columns["Errored"], "`kubectl get evalruns` must show errored cases, not only -o wide"
     assert columns["Age"] == {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}
     # every column's path exists in the status schema
     status = schema()["properties"]["status"]["properties"]
@@ -181,7 +182,7 @@ def test_bounds_enums_patterns_and_defaults_in_descriptions():
     assert props["retries"]["minimum"] == 0 and props["retries"]["maximum"] == 10
     assert props["concurrencyPolicy"]["enum"] == ["Allow", "Forbid", "Replace"]
     assert "Default: Forbid." in props["concurrencyPolicy"]["description"]
-    assert "Default: evalrunner:0.1.0." in props["image"]["description"]
+    assert "Default: the controller's own image" in props["image"]["description"]
     suite = props["suites"]["items"]["properties"]
     assert suite["name"]["pattern"] == "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
     assert suite["name"]["maxLength"] == 40
@@ -206,7 +207,7 @@ def test_unions_without_a_structural_form_are_refused():
 
 def test_a_valid_spec_and_its_defaults():
     parsed = EvalRunSpec.model_validate(spec(resources={"limits": {"memory": "512Mi", "cpu": 1}}))
-    assert parsed.image == "evalrunner:0.1.0"
+    assert parsed.image is None  # the controller's own image (--runner-image)
     assert parsed.retries == 0
     assert parsed.start_timeout_seconds == 120 and parsed.deadline_grace_seconds == 60
     assert parsed.resources.as_requirements() == {"limits": {"cpu": "1", "memory": "512Mi"}}

@@ -45,11 +45,11 @@ app.kubernetes.io/component: controller
   verbs: ["patch"]                         # status only: never the spec
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch", "delete"] # watch runner pods; delete a replaced run's pod
+  verbs: ["get", "list", "watch", "delete"] # runner pods into the index; delete a replaced run's pod
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["get", "list", "watch", "create", "delete"]  # a Job per suite attempt; watched (a finished Job
-                                         # with no row), listed per suite (the lock), deleted (replaced, never started)
+  verbs: ["get", "list", "watch", "create", "delete"]  # a Job per suite attempt; watched into the index;
+                                         # deleted (replaced, never started, finished past jobTTLSeconds)
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["get", "create"]                 # inline suites; get to adopt its own after a restart
@@ -59,4 +59,9 @@ app.kubernetes.io/component: controller
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]                        # Events on EvalRuns
+{{- end -}}
+
+{{/* The controller's image, which runner pods use too unless an EvalRun names one. */}}
+{{- define "evalrunner.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
 {{- end -}}

@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from .. import __version__
 from ..crd import API_VERSION, KIND
 from ..models import EvalRunSpec, EvalRunSuite, Suite
 
@@ -55,6 +56,7 @@ CONFIGMAP_MAX_BYTES = 1024 * 1024
 SCRATCH_VOLUME = "scratch"
 SCRATCH_PATH = "/var/tmp/evalrunner"
 TERMINATION_LOG = "/dev/termination-log"
+DEFAULT_RUNNER_IMAGE = f"evalrunner:{__version__}"  # the controller passes its own (--runner-image)
 RUNNER_UID = 65532  # "nonroot" in distroless images
 
 
@@ -321,8 +323,9 @@ def build_job(
     *,
     case_count: int | None = None,
     case_timeout_seconds: float | None = None,
+    default_image: str = DEFAULT_RUNNER_IMAGE,
 ) -> dict[str, Any]:
-    """The Job of one suite attempt.
+    """The Job of one suite attempt, in the EvalRun's image or else `default_image` (the controller's own).
 
     `backoffLimit: 0`: the controller makes each retry a new Job (a new
     attempt, a new row that resumes from `parent_run_id`), so it records why
@@ -348,7 +351,7 @@ def build_job(
 
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
-        "image": spec.image,
+        "image": spec.image or default_image,
         "command": runner_command(
             f"{SUITE_MOUNT_PATH}/{key}", store_url, run_id, attempt, parent_run_id, spec.deadline_grace_seconds
         ),

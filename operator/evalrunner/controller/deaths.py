@@ -28,12 +28,17 @@ TERMINATED_BY = "controller"
 Nodes = dict[str, Any]  # node name -> Node (or None when gone), one lookup per node per scan
 
 
+Announce = Callable[[RunRow, "str | None"], None]  # posts a closed run's RunTerminated Event
+
+
 class Deaths:
-    def __init__(self, store: DuckDBStore, kube: Kube, queue: ReconcileQueue, clock: Callable = utcnow):
+    def __init__(self, store: DuckDBStore, kube: Kube, queue: ReconcileQueue, clock: Callable = utcnow,
+                 announce: Announce | None = None):
         self.store = store
         self.kube = kube
         self.queue = queue
         self.clock = clock
+        self.announce: Announce = announce or (lambda closed, reason: announce_termination(kube, closed, reason))
         self.log = log.get(component="controller")
 
     def on_pod(self, pod: dict[str, Any], event_type: str | None, nodes: Nodes | None = None) -> None:
@@ -51,11 +56,19 @@ class Deaths:
             self.queue.mark(ref.namespace, ref.evalrun)
 
     def scan(self, namespaces: tuple[str, ...]) -> None:
-        """Classify every runner pod against the clock: a pod stuck Pending or on a lost node sends no event."""
+        """Classify every live runner pod against the clock: one stuck Pending or on a lost node sends no event.
+
+        A finished pod's events said all there is to say of it. Pods are judged
+        first, and only a dead one costs a store read; with the index, nothing
+        here asks the API, however many pods there are.
+        """
         nodes: Nodes = {}
         for pod in self.kube.runner_pods(namespaces):
+            if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+                continue
             try:
-                self.on_pod(pod, None, nodes)
+                if self.death_of(pod, nodes=nodes) is not None:
+                    self.on_pod(pod, None, nodes)
             except Exception as exc:  # one bad pod must not stop the scan of the others
                 self.log.error("controller.scan_failed", pod=(pod.get("metadata") or {}).get("name"),
                                error=f"{type(exc).__name__}: {exc}")
@@ -90,7 +103,7 @@ class Deaths:
             return False  # still being torn down: its next event (or the scan) records it
         if closed is None:
             return False
-        announce_termination(self.kube, closed, death.reason)
+        self.announce(closed, death.reason)
         return True
 
     def _record_failed_start(self, ref: RunnerPod, death: Death) -> RunRow | None:
@@ -133,9 +146,17 @@ def suite_in(evalrun: dict[str, Any] | None, name: str | None) -> EvalRunSuite |
 
 
 def announce_termination(kube: Kube, closed: RunRow, reason: str | None) -> None:
-    """A `RunTerminated` Event on the run's EvalRun (found by the row's scope, so the full name)."""
+    """A `RunTerminated` Event on the run's EvalRun (found by the row's scope, so the full name).
+
+    A courtesy after the fact: the row is closed already, so an API server that
+    fails or hangs costs the Event (logged), never the rest of a sweep.
+    """
     if closed.scope is None:
         return
-    evalrun = kube.get_evalrun(*closed.scope.evalrun)
-    if evalrun is not None and evalrun["metadata"].get("uid") == closed.scope.uid:
-        kube.post_event(evalrun, *status.termination_event(closed, reason))
+    try:
+        evalrun = kube.get_evalrun(*closed.scope.evalrun)
+        if evalrun is not None and evalrun["metadata"].get("uid") == closed.scope.uid:
+            kube.post_event(evalrun, *status.termination_event(closed, reason))
+    except Exception as exc:
+        log.get(component="controller").warning("controller.event_not_posted", run_id=closed.id, reason="RunTerminated",
+                                                error=f"{type(exc).__name__}: {exc}"[:300])

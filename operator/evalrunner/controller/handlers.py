@@ -1,9 +1,14 @@
 """kopf handlers: thin. Each reads the event and hands it to the Controller (in `memo`).
 
-Everything is watched with `on.event` (pods with a label filter), never
-on.create/update: those would write kopf's annotations onto the objects. Handlers are
-sync, so kopf runs them in its thread pool and the blocking Kubernetes client
-and DuckDB calls never stall the event loop.
+kopf follows the EvalRuns only. Runner pods, Jobs and nodes come through the
+controller's own informers (`informer.py`): kopf filters labels in the
+client, so it would stream every pod of the cluster to find ours, where an
+informer has the API server select them.
+
+EvalRuns are watched with `on.event`, never on.create/update: those would
+write kopf's annotations onto the objects. The handler is sync, so kopf runs
+it in its thread pool and the blocking Kubernetes client and DuckDB calls
+never stall the event loop.
 """
 
 from __future__ import annotations
@@ -14,7 +19,6 @@ from typing import Any
 import kopf
 
 from ..crd import GROUP, VERSION
-from .builders import LABEL_MANAGED_BY, MANAGER
 
 PLURAL = "evalruns"
 
@@ -25,6 +29,8 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.server_timeout = 60
     settings.watching.client_timeout = 90
     settings.watching.connect_timeout = 10
+    settings.networking.request_timeout = 30  # and every other request of kopf's (the default is 5 minutes)
+    settings.networking.connect_timeout = 10
     # Namespaces are named exactly and resources are fixed, so kopf needs no
     # cluster-wide watch of Namespaces and CRDs (and the chart grants none).
     settings.scanning.disabled = True
@@ -58,17 +64,6 @@ def evalrun_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     GitOps tool sees no drift. Reconciling is idempotent, so repeats are harmless.
     """
     memo.controller.on_evalrun_event(_plain(event["object"]), event.get("type"))
-
-
-@kopf.on.event("", "v1", "pods", labels={LABEL_MANAGED_BY: MANAGER})
-def runner_pod_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-    memo.controller.on_runner_pod_event(_plain(event["object"]), event.get("type"))
-    memo.health.saw_event()
-
-
-@kopf.on.event("batch", "v1", "jobs", labels={LABEL_MANAGED_BY: MANAGER})
-def runner_job_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-    memo.controller.on_runner_job_event(_plain(event["object"]), event.get("type"))
 
 
 def _plain(obj: Any) -> dict[str, Any]:

@@ -3,28 +3,57 @@
 The chart's RBAC (charts/evalrunner/templates/rbac.yaml) grants exactly the
 verbs used here; add a call, add its verb there.
 
-Synchronous client, used from kopf's sync handlers (a thread pool) and the
-scan loop's thread, never from the event loop. Objects go in and come out as
-plain dicts, so the builders and the classifier never see client classes.
+Synchronous client, used from the controller's threads (informers, loops,
+kopf's sync handlers), never from the event loop. Objects go in and come out
+as plain dicts, so the builders and the classifier never see client classes.
+
+Every request has a timeout (`REQUEST_TIMEOUT`): the client's default is
+none, and one hung GET would hold a thread, and with it a loop, forever.
 """
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime, timezone
 from typing import Any
 
 from kubernetes import client
+from kubernetes.client import rest
 from kubernetes.client.rest import ApiException
 
 from ..crd import GROUP, KIND, VERSION
+from ..timing import API_CONNECT_TIMEOUT_S, API_REQUEST_TIMEOUT_S
 from .builders import LABEL_MANAGED_BY, LABEL_SUITE, MANAGER, owned_by
+from .index import JOB, NODE, POD
+from .informer import Source
 
 PLURAL = "evalruns"
+REQUEST_TIMEOUT = (API_CONNECT_TIMEOUT_S, API_REQUEST_TIMEOUT_S)  # for every call that does not set its own
+RUNNER_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGER}"
+
+
+def bound_requests(api_client: client.ApiClient, timeout: tuple[float, float] = REQUEST_TIMEOUT) -> client.ApiClient:
+    """Give every request of `api_client` a timeout unless the call sets one (a watch sets its own).
+
+    urllib3 would also retry a timed-out read three times on its own, turning a
+    30 s timeout into two minutes; our callers retry (with backoff) themselves.
+    """
+    api_client.configuration.retries = False
+    api_client.rest_client = rest.RESTClientObject(api_client.configuration)
+    call_api = api_client.call_api
+
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("_request_timeout") is None:
+            kwargs["_request_timeout"] = timeout
+        return call_api(*args, **kwargs)
+
+    api_client.call_api = bounded  # type: ignore[method-assign]
+    return api_client
 
 
 class Kube:
-    def __init__(self, api_client: client.ApiClient):
-        self.api_client = api_client
+    def __init__(self, api_client: client.ApiClient, request_timeout: tuple[float, float] = REQUEST_TIMEOUT):
+        self.api_client = bound_requests(api_client, request_timeout)
         self.core = client.CoreV1Api(api_client)
         self.batch = client.BatchV1Api(api_client)
         self.custom = client.CustomObjectsApi(api_client)
@@ -70,9 +99,19 @@ class Kube:
     def get_node(self, name: str) -> dict[str, Any] | None:
         return self._read(self.core.read_node, name)
 
+    def sources(self, namespaces: tuple[str, ...]) -> list[Source]:
+        """What the informers follow: runner pods and Jobs (selected by the server) in `namespaces`, and nodes."""
+        if not namespaces:
+            kinds = [Source(POD, self.core.list_pod_for_all_namespaces, RUNNER_SELECTOR),
+                     Source(JOB, self.batch.list_job_for_all_namespaces, RUNNER_SELECTOR)]
+        else:
+            kinds = [Source(kind, functools.partial(fn, ns), RUNNER_SELECTOR, ns) for ns in namespaces
+                     for kind, fn in ((POD, self.core.list_namespaced_pod), (JOB, self.batch.list_namespaced_job))]
+        return kinds + [Source(NODE, self.core.list_node)]
+
     def runner_pods(self, namespaces: tuple[str, ...]) -> list[dict[str, Any]]:
         """Runner pods in `namespaces` (every namespace when empty)."""
-        selector = f"{LABEL_MANAGED_BY}={MANAGER}"
+        selector = RUNNER_SELECTOR
         if not namespaces:
             return [self._plain(p) for p in self.core.list_pod_for_all_namespaces(label_selector=selector).items]
         out = []
@@ -146,12 +185,11 @@ class Kube:
         except ApiException:
             pass  # an event is a courtesy; losing one must not fail a reconcile
 
-    @staticmethod
-    def _read(fn: Any, name: str, namespace: str | None = None) -> dict[str, Any] | None:
+    def _read(self, fn: Any, name: str, namespace: str | None = None) -> dict[str, Any] | None:
         try:
             obj = fn(name, namespace) if namespace is not None else fn(name)
         except ApiException as exc:
             if exc.status == 404:
                 return None
             raise
-        return obj if isinstance(obj, dict) else client.ApiClient().sanitize_for_serialization(obj)
+        return obj if isinstance(obj, dict) else self._plain(obj)

@@ -25,7 +25,7 @@ from ..store.duckdb_store import DuckDBStore, utcnow
 from ..store.records import RunRow
 from . import builders, status
 from .children import RunnerJob
-from .deaths import Deaths, announce_termination, failed_start_request, suite_in
+from .deaths import Deaths, failed_start_request, suite_in
 from .kube import Kube
 from .queue import ReconcileQueue
 from .sweep import Sweeper
@@ -98,6 +98,7 @@ class LiveAttempt:
 @dataclass(frozen=True)
 class ProgressionSettings:
     store_url_for_pods: str
+    runner_image: str = builders.DEFAULT_RUNNER_IMAGE  # for EvalRuns that name none
 
 
 class Progression:
@@ -187,7 +188,8 @@ class Progression:
         job = builders.build_job(evalrun, suite, attempt.number, attempt.parent_run_id,
                                  self.settings.store_url_for_pods, spec,
                                  case_count=len(suite.cases) if suite.cases else None,
-                                 case_timeout_seconds=suite.timeout_seconds or 30.0)
+                                 case_timeout_seconds=suite.timeout_seconds or 30.0,
+                                 default_image=self.settings.runner_image)
         _, created = self.kube.create_owned(job, evalrun)
         if not created:
             return
@@ -237,7 +239,7 @@ class Progression:
         closed = self.store.record_failed_start(request, cause.value, reason, TERMINATED_BY)
         if closed is not None:
             recovery.log_terminated(closed, TERMINATED_BY)
-            announce_termination(self.kube, closed, reason)
+            self.deaths.announce(closed, reason)
             self.queue.mark_scope(closed.scope)  # its retry, if it has one, is the next round's step
 
     # ------------------------------------------------------------ the suite lock
@@ -295,7 +297,7 @@ class Progression:
             closed = self._close_replaced(attempt, suite, why)
             if closed is not None:
                 recovery.log_terminated(closed, TERMINATED_BY)
-                announce_termination(self.kube, closed, why)
+                self.deaths.announce(closed, why)
             if attempt.job is not None:
                 self.kube.delete_job(attempt.job.namespace, attempt.job.name)
             elif attempt.row is not None and attempt.row.owner and attempt.row.owner.kind == "pod" \

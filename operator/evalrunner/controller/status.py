@@ -134,6 +134,9 @@ def _iso(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+FINISHED = (EvalRunPhase.SUCCEEDED.value, EvalRunPhase.FAILED.value)
+
+
 def transitions(old: dict[str, Any] | None, new: dict[str, Any]) -> list[tuple[str, str, str]]:
     """Events worth posting for the change old -> new: (type, reason, message)."""
     before = {s["name"]: s for s in (old or {}).get("suites", [])}
@@ -144,13 +147,17 @@ def transitions(old: dict[str, Any] | None, new: dict[str, Any]) -> list[tuple[s
         if key == (prev.get("runId"), prev.get("phase")):
             continue
         counts = f"{suite['passed']} passed, {suite['failed']} failed, {suite['errored']} errored"
+        started = f"suite {suite['name']} attempt {suite.get('attempt')} run {suite.get('runId')}"
+        if suite["phase"] in FINISHED and suite.get("runId") and prev.get("runId") != suite["runId"]:
+            # Opened and closed between two refreshes: it still started, and says so first.
+            out.append(("Normal", "SuiteStarted", started))
         if suite["phase"] == EvalRunPhase.SUCCEEDED.value:
             out.append(("Normal", "SuiteCompleted", f"suite {suite['name']} run {suite.get('runId')} completed: {counts}"))
         elif suite["phase"] == EvalRunPhase.FAILED.value:
             out.append(("Warning", "SuiteFailed",
                         f"suite {suite['name']} failed ({suite.get('cause') or 'refused'}): {suite.get('message', '')}"))
         elif suite["phase"] == EvalRunPhase.RUNNING.value and suite.get("runId") and prev.get("runId") != suite.get("runId"):
-            out.append(("Normal", "SuiteStarted", f"suite {suite['name']} attempt {suite['attempt']} run {suite['runId']}"))
+            out.append(("Normal", "SuiteStarted", started))
     if new["phase"] != (old or {}).get("phase") and new["phase"] in (EvalRunPhase.SUCCEEDED.value, EvalRunPhase.FAILED.value):
         kind = "Normal" if new["phase"] == EvalRunPhase.SUCCEEDED.value else "Warning"
         out.append((kind, new["phase"], f"EvalRun {new['phase'].lower()}: {new['passed']} passed, "

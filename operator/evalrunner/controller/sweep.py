@@ -20,7 +20,7 @@ from ..scope import lock_domain
 from ..store.duckdb_store import DuckDBStore, utcnow
 from ..store.records import RunRow
 from ..timing import HEARTBEAT_LEASE_S
-from .deaths import Deaths, announce_termination
+from .deaths import Deaths
 from .kube import Kube
 from .queue import ReconcileQueue
 
@@ -60,7 +60,7 @@ class Sweeper:
                 self.store, run.id, orphan.cause, orphan.reason, TERMINATED_BY, orphan.summary)
             if row is not None:
                 closed.append(row)
-                announce_termination(self.kube, row, row.error)
+                self.deaths.announce(row, row.error)
                 self.queue.mark_scope(row.scope)
         repaired = recovery.repair_stranded_cases(self.store, TERMINATED_BY) if suite is None else []
         for stranded in repaired:
@@ -75,7 +75,12 @@ class Sweeper:
             return recovery.process_owner_state(owner, local_liveness)
         if not (owner.namespace and owner.pod):
             return recovery.UNKNOWN
-        pod = self.kube.get_pod(owner.namespace, owner.pod)
+        index = getattr(self.kube, "index", None)
+        if index is not None and not index.synced("pods"):
+            # The pod watch is down (the API server is away): no read per row, which would cost a
+            # timeout each. The heartbeat lease and the deadline still decide.
+            return recovery.UNKNOWN
+        pod = self.kube.get_pod(owner.namespace, owner.pod)  # from the index; asks the API only if it lacks it
         if pod is None or (owner.pod_uid and (pod.get("metadata") or {}).get("uid") != owner.pod_uid):
             return recovery.OwnerState.dead(
                 recovery.Cause.POD_DELETED, f"pod {owner.namespace}/{owner.pod} no longer exists")

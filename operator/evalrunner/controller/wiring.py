@@ -3,7 +3,10 @@
 - `deaths.Deaths`: a runner pod died -> close its row (the hot path);
 - `sweep.Sweeper`: running rows against the pods that exist (what the watch missed);
 - `progression.Progression`: an EvalRun -> admit, start, retry, and its status;
-- `queue.ReconcileQueue`: which EvalRuns the refresh loop reconciles next.
+- `queue.ReconcileQueue`: which EvalRuns the refresh loop reconciles next;
+- `index.ClusterIndex`: runner pods, Jobs and nodes as the informers last saw
+  them; the parts read them through `IndexedKube`, so they ask the API only
+  for what the index does not hold.
 
 Each part takes its collaborators (store, Kubernetes client, queue, clock) as
 arguments, so a unit test builds it with fakes; this class only connects them.
@@ -11,15 +14,19 @@ arguments, so a unit test builds it with fakes; this class only connects them.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from .. import log
 from ..scope import Scope
 from ..store.duckdb_store import DuckDBStore, utcnow
-from ..timing import HEARTBEAT_LEASE_S, SCAN_INTERVAL_S, SWEEP_INTERVAL_S
+from ..timing import HEARTBEAT_LEASE_S, JOB_TTL_S, SCAN_INTERVAL_S, SWEEP_INTERVAL_S
+from .builders import DEFAULT_RUNNER_IMAGE
 from .children import RunnerJob
-from .deaths import Deaths
+from .deaths import Announce, Deaths
+from .index import ClusterIndex, IndexedKube
+from .janitor import Janitor
 from .kube import Kube
 from .progression import Progression, ProgressionSettings
 from .queue import ReconcileQueue
@@ -33,18 +40,25 @@ class ControllerSettings:
     scan_interval_s: float = SCAN_INTERVAL_S
     sweep_interval_s: float = SWEEP_INTERVAL_S
     heartbeat_lease_s: float = HEARTBEAT_LEASE_S
+    job_ttl_s: float | None = JOB_TTL_S  # finished Jobs whose rows are closed are deleted after this; None: kept
+    runner_image: str = DEFAULT_RUNNER_IMAGE  # runner pods of EvalRuns that name no image
 
 
 class Controller:
-    def __init__(self, store: DuckDBStore, kube: Kube, settings: ControllerSettings, clock: Callable = utcnow):
+    def __init__(self, store: DuckDBStore, kube: Kube, settings: ControllerSettings, clock: Callable = utcnow,
+                 index: ClusterIndex | None = None, progress: Callable[[], None] | None = None,
+                 monotonic: Callable[[], float] = time.monotonic, announce: Announce | None = None):
         self.settings = settings
-        self.kube = kube
-        self.queue = ReconcileQueue()
-        self.deaths = Deaths(store, kube, self.queue, clock)
-        self.sweeper = Sweeper(store, kube, self.deaths, self.queue,
+        self.index = index
+        self.kube = IndexedKube(kube, index) if index is not None else kube
+        self.progress = progress or (lambda: None)  # called as the loops get work done (liveness)
+        self.queue = ReconcileQueue(monotonic)
+        self.deaths = Deaths(store, self.kube, self.queue, clock, announce)
+        self.sweeper = Sweeper(store, self.kube, self.deaths, self.queue,
                                SweepSettings(settings.namespaces, settings.heartbeat_lease_s), clock)
-        self.progression = Progression(store, kube, self.deaths, self.sweeper, self.queue,
-                                       ProgressionSettings(settings.store_url_for_pods), clock)
+        self.progression = Progression(store, self.kube, self.deaths, self.sweeper, self.queue,
+                                       ProgressionSettings(settings.store_url_for_pods, settings.runner_image), clock)
+        self.janitor = Janitor(store, self.kube, settings.job_ttl_s, clock)
         self.log = log.get(component="controller")
 
     # ------------------------------------------------------------ events
@@ -58,6 +72,17 @@ class Controller:
 
     def on_runner_pod_event(self, pod: dict[str, Any], event_type: str | None) -> None:
         self.deaths.on_pod(pod, event_type)
+
+    def on_node_event(self, node: dict[str, Any], event_type: str | None) -> None:
+        """A node changed (NotReady, deleted): judge its runner pods now rather than at the next scan."""
+        conditions = (node.get("status") or {}).get("conditions") or []
+        ready = next((c.get("status") for c in conditions if c.get("type") == "Ready"), None)
+        if event_type != "DELETED" and ready == "True":
+            return
+        name = (node.get("metadata") or {}).get("name")
+        for pod in self.kube.runner_pods(self.settings.namespaces):
+            if (pod.get("spec") or {}).get("nodeName") == name and self.deaths.death_of(pod) is not None:
+                self.deaths.on_pod(pod, None)
 
     def on_runner_job_event(self, job: dict[str, Any], event_type: str | None) -> None:
         """A Job changed (finished, say, with its pod gone): its EvalRun may have a next step."""
@@ -77,10 +102,13 @@ class Controller:
         for namespace, name in marked:
             try:
                 self.progression.reconcile(namespace, name)
-            except Exception as exc:  # retried on the next round
-                self.queue.mark(namespace, name)
+            except Exception as exc:  # retried after a backoff that grows while it keeps failing
+                delay = self.queue.retry_later((namespace, name))
                 self.log.error("controller.reconcile_failed", evalrun=f"{namespace}/{name}",
-                               error=f"{type(exc).__name__}: {exc}")
+                               retry_in_s=delay, error=f"{type(exc).__name__}: {exc}")
+            else:
+                self.queue.succeeded((namespace, name))
+            self.progress()
         return len(marked)
 
     def scan(self) -> None:
@@ -88,3 +116,4 @@ class Controller:
 
     def sweep(self) -> None:
         self.sweeper.sweep()
+        self.janitor.collect()

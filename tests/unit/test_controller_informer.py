@@ -1,0 +1,108 @@
+"""The informers against stand-in API servers: list then watch, resume, relist on 410, and a hung server.
+
+A real API server is what the cluster tests use; here the server's answers
+are scripted, or it never answers at all, which a real one cannot be made
+to do on demand.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from kube_stub import HungServer, ScriptedServer, api_client, pod
+
+from evalrunner.controller import informer as informer_mod
+from evalrunner.controller.index import POD, ClusterIndex
+from evalrunner.controller.informer import Informer, Source
+from evalrunner.controller.kube import RUNNER_SELECTOR, Kube
+
+
+class Seen:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str]] = []
+        self.changed = threading.Condition()
+
+    def __call__(self, event_type: str, obj: dict) -> None:
+        with self.changed:
+            self.events.append((event_type, obj["metadata"]["name"]))
+            self.changed.notify_all()
+
+    def wait_for(self, count: int, timeout: float = 10) -> list[tuple[str, str]]:
+        with self.changed:
+            assert self.changed.wait_for(lambda: len(self.events) >= count, timeout), self.events
+            return list(self.events)
+
+
+def pods_source(url: str, timeout: float = 5.0) -> Source:
+    """The controller's own source of runner pods, through its own client settings."""
+    source = Kube(api_client(url), request_timeout=(timeout, timeout)).sources(())[0]
+    assert (source.kind, source.label_selector) == (POD, RUNNER_SELECTOR)
+    return source
+
+
+@pytest.fixture(autouse=True)
+def quick_backoff(monkeypatch):
+    monkeypatch.setattr(informer_mod, "BACKOFF_START_S", 0.05)
+
+
+def test_it_lists_then_follows_the_watch_and_resumes_from_the_last_version():
+    server = ScriptedServer([pod("a", "90")], watches=[
+        [{"type": "ADDED", "object": pod("b", "101")}, {"type": "BOOKMARK", "object": {"metadata": {
+            "resourceVersion": "105"}}}],
+        [{"type": "DELETED", "object": pod("a", "106")}],
+    ])
+    index, seen = ClusterIndex(), Seen()
+    watcher = Informer(pods_source(server.url), index, seen).start()
+    try:
+        assert seen.wait_for(3) == [("ADDED", "a"), ("ADDED", "b"), ("DELETED", "a")]
+        assert index.synced(POD) and [p["metadata"]["name"] for p in index.all(POD)] == ["b"]
+        deadline = time.monotonic() + 5
+        while len(watches := [q for q in server.requests if q.get("watch") == ["true"]]) < 3:
+            assert time.monotonic() < deadline, server.requests
+            time.sleep(0.05)
+        assert [w["resourceVersion"] for w in watches[:3]] == [["100"], ["105"], ["106"]], "resumed, not relisted"
+        assert all(q["labelSelector"] == [RUNNER_SELECTOR] for q in server.requests), "the server selects"
+    finally:
+        watcher.stop()
+        server.close()
+
+
+def test_a_410_relists_and_a_pod_deleted_meanwhile_is_delivered_as_deleted():
+    server = ScriptedServer([pod("a", "90"), pod("b", "91")], watches=[410])
+    index, seen = ClusterIndex(), Seen()
+    watcher = Informer(pods_source(server.url), index, seen).start()
+    try:
+        seen.wait_for(2)
+        server.items = [pod("b", "120")]  # "a" went away while no watch was open
+        assert seen.wait_for(4)[2:] == [("DELETED", "a"), ("ADDED", "b")]
+        assert [p["metadata"]["name"] for p in index.all(POD)] == ["b"]
+    finally:
+        watcher.stop()
+        server.close()
+
+
+def test_a_hung_api_server_times_out_every_request_and_never_holds_a_thread():
+    server = HungServer()
+    try:
+        kube = Kube(api_client(server.url), request_timeout=(1.0, 1.0))
+        began = time.monotonic()
+        with pytest.raises(Exception) as raised:
+            kube.get_pod("team", "p")
+        assert time.monotonic() - began < 5, "the GET waited for an answer that never comes"
+        assert "timed out" in str(raised.value).lower() or "timeout" in type(raised.value).__name__.lower()
+
+        index, failures = ClusterIndex(), []
+        watcher = Informer(pods_source(server.url, timeout=1.0), index, watch_seconds=1, read_margin_s=0.5,
+                           connect_timeout_s=1, progress=lambda: failures.append(time.monotonic())).start()
+        deadline = time.monotonic() + 10
+        while len(failures) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(failures) >= 2, "the listing hung instead of timing out and retrying"
+        assert not index.synced(POD)
+        watcher.stop()
+        watcher.join(5)
+        assert not watcher._thread.is_alive(), "stop() did not end the informer"
+    finally:
+        server.close()
