@@ -19,7 +19,8 @@ class RunRefused(Exception):
     def __init__(self, suite: str, live_run_ids: Sequence[str], owners: Sequence[str]):
         self.suite = suite
         self.live_run_ids = tuple(live_run_ids)
-        who = "; ".join(f"{rid} ({o})" for rid, o in zip(live_run_ids, owners))
+        named = list(owners) + [""] * (len(live_run_ids) - len(owners))  # owners may be unknown (an API's answer)
+        who = "; ".join(f"{rid} ({o})" if o else rid for rid, o in zip(live_run_ids, named))
         super().__init__(
             f"suite {suite!r} is already running: {who}. Its lock policy is Forbid. "
             "Wait for it, terminate it with `evalrunner recover RUN_ID`, "

@@ -15,21 +15,24 @@ Exit codes:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import asyncio
 import functools
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 # Imported here: what every local command needs. The store service, the controller, the HTTP
 # store client and the doctor are imported by their commands, so `run` and `runs` start fast.
-from . import __version__, admission, log, recovery, report, summary
-from .models import RunStatus
+from . import __version__, admission, local_server, log, output, recovery, report, summary
+from .models import RunStatus, Suite
 from .runner import ResumeError, RunOptions, RunResult, StatusWriteFailed, run_suite
-from .timing import DEADLINE_GRACE_S, HEARTBEAT_LEASE_S, SCAN_INTERVAL_S, SHUTDOWN_DEFER_S, SWEEP_INTERVAL_S
+from .timing import (API_REQUEST_TIMEOUT_S, DEADLINE_GRACE_S, HEARTBEAT_LEASE_S, JOB_TTL_S, SCAN_INTERVAL_S,
+                     SHUTDOWN_DEFER_S, SWEEP_INTERVAL_S)
 from .owner import pod_from_env, this_process
 from .store import DuckDBStore, StoreError
+from .store.errors import StoreLockedError
 from .store.duckdb_store import utcnow
 from .store.records import RunRow, StrandedCases
 from .suites import SuiteFileError, load_suite
@@ -57,32 +60,48 @@ class UsageError(Exception):
 
 def cmd_run(args: argparse.Namespace) -> int:
     suite = load_suite(args.suite)
-    with open_store(args) as store:
-        store.require_reserve()
-        bar = report.ProgressBar(len(suite.cases), enabled=None if args.progress else False)
-        if bar.enabled and args.log_format == "console":
-            # The bar shows every case; a line per case would scroll it away (--log-level debug keeps them).
-            log.configure(args.log_format, args.log_level, quiet=log.PER_CASE_EVENTS)
-        options = RunOptions(
-            resume_from=resolve_run_id(store, args.resume).id if args.resume else None,
-            deadline_grace_s=args.deadline_grace,
-            source=str(Path(args.suite).resolve()),
-            search_path=(str(Path(args.suite).resolve().parent),),
-            # Beside the database, in the room the reserve frees if the disk is full; and on stderr.
-            keep_summary=summary.echoing(summary.spooler(store.path, make_room=store.release_reserve), args.log_format),
-        )
-        try:
-            result = asyncio.run(run_suite(suite, store, options, progress=lambda _id, o: bar.update(o.verdict)))
-        finally:
-            bar.finish()
-        cases = store.cases(result.run.id)
-        if args.junit:
-            Path(args.junit).write_bytes(report.junit_xml(result.run, cases))
-        if args.json:
-            print(report.dumps({"run": report.run_to_dict(result.run), "cases": [report.case_to_dict(c) for c in cases]}))
-        else:
-            print(report.run_summary_text(result.run, cases))
-        return run_exit_code(result)
+    try:
+        with open_store(args) as store:
+            store.require_reserve()
+            return _run(args, suite, store, make_room=store.release_reserve)
+    except StoreLockedError as exc:  # raised by the open, before anything ran
+        server = local_server.find(args.db, exc.pid)
+        if server is None:
+            raise
+    # `evalrunner serve` holds the file: the suite runs here, and the server writes its rows.
+    from .store.http_client import HttpStore
+
+    return _run(args, suite, HttpStore(server.url, server.token), make_room=None)
+
+
+def _run(args: argparse.Namespace, suite: Suite, store: Any, make_room: Callable[[], bool] | None) -> int:
+    """Run the suite on `store`: the local file, or the API of the server that holds it."""
+    bar = report.ProgressBar(len(suite.cases), enabled=None if args.progress else False)
+    if bar.enabled:
+        # Log lines are written above the bar, never on its line. On a console the bar shows every
+        # case, and a line per case would scroll it away (--log-level debug keeps them).
+        quiet = log.PER_CASE_EVENTS if args.log_format == "console" else frozenset()
+        log.configure(args.log_format, args.log_level, stream=bar.log_stream(), quiet=quiet)
+    options = RunOptions(
+        resume_from=resolve_run_id(store, args.resume).id if args.resume else None,
+        deadline_grace_s=args.deadline_grace,
+        source=str(Path(args.suite).resolve()),
+        search_path=(str(Path(args.suite).resolve().parent),),
+        # Beside the database, in the room the reserve frees if the disk is full; and on stderr.
+        keep_summary=summary.echoing(summary.spooler(args.db, make_room=make_room), args.log_format),
+    )
+    try:
+        result = asyncio.run(run_suite(suite, store, options, progress=lambda _id, o: bar.update(o.verdict)))
+    finally:
+        bar.finish()
+    cases = store.cases(result.run.id)
+    if args.junit:
+        Path(args.junit).write_bytes(report.junit_xml(result.run, cases))
+    if args.json:
+        print(report.dumps({"run": report.run_to_dict(result.run), "cases": [report.case_to_dict(c) for c in cases]}))
+    else:
+        print(report.run_summary_text(result.run, cases))
+    return run_exit_code(result)
 
 
 def cmd_run_suite(args: argparse.Namespace) -> int:
@@ -112,31 +131,58 @@ def cmd_run_suite(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """The store service on a local file: runners elsewhere report with --store-url."""
-    from aiohttp import web
-
+    """The store service on a local file: runners elsewhere report with --store-url, and this
+    host's CLI works through it (local_server.py)."""
     from .service import build_app
 
     with open_store(args) as store:
         admin = os.environ.get(args.admin_token_env)
-        app = build_app(store, admin_token=admin, sweep_interval_s=args.sweep_interval)
-        log.get().info("service.listening", url=f"http://{args.host}:{args.port}", db=store.path,
-                       page=f"http://{args.host}:{args.port}/evals",
-                       terminate="enabled" if admin else f"disabled (set ${args.admin_token_env} to enable)")
-        web.run_app(app, host=args.host, port=args.port, print=None, handle_signals=True)
+        local_token = local_server.new_token()
+        app = build_app(store, admin_token=admin, sweep_interval_s=args.sweep_interval, retain_days=args.retain_days,
+                        local_token=local_token)
+        asyncio.run(_serve(app, args, store, admin, local_token))
     return EXIT_OK
+
+
+async def _serve(app: Any, args: argparse.Namespace, store: DuckDBStore, admin: str | None, local_token: str) -> None:
+    import signal
+
+    from aiohttp import web
+
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, args.host, args.port)
+    await site.start()
+    port = runner.addresses[0][1] if runner.addresses else args.port
+    record = local_server.publish(store.path, local_server.client_url(args.host, port), local_token)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    log.get().info("service.listening", url=f"http://{args.host}:{port}", db=store.path,
+                   page=f"{record.url}/evals", cli=f"commands on {store.path} work through it",
+                   terminate="enabled" if admin else f"disabled (set ${args.admin_token_env} to enable)")
+    try:
+        await stop.wait()
+    finally:
+        local_server.withdraw(store.path, record)
+        await runner.cleanup()
 
 
 def cmd_controller(args: argparse.Namespace) -> int:
     """The Kubernetes operator, with the store service in the same process (the one DuckDB writer)."""
-    from .controller.main import ControllerOptions, run_controller
+    from .controller.main import ControllerOptions, NoKubernetesCredentials, run_controller
 
-    return run_controller(ControllerOptions(
+    options = ControllerOptions(
         db=args.db, kubeconfig=args.kubeconfig, namespaces=tuple(args.namespace or ()), host=args.host, port=args.port,
         store_url_for_pods=args.store_url_for_pods, admin_token=os.environ.get(args.admin_token_env),
         scan_interval_s=args.scan_interval, sweep_interval_s=args.sweep_interval,
-        heartbeat_lease_s=args.heartbeat_timeout,
-    ))
+        heartbeat_lease_s=args.heartbeat_timeout, job_ttl_s=args.job_ttl if args.job_ttl >= 0 else None,
+        api_timeout_s=args.api_timeout, runner_image=args.runner_image, retain_days=args.retain_days,
+    )
+    try:
+        return run_controller(options)
+    except NoKubernetesCredentials as exc:
+        raise UsageError(str(exc)) from None
 
 
 def run_exit_code(result: RunResult) -> int:
@@ -154,6 +200,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
         runs = store.list_runs(status=args.status, suite=args.suite, limit=args.limit)
         if args.json:
             print(report.dumps([report.run_to_dict(r) for r in runs]))
+        elif args.quiet:
+            print("\n".join(r.id for r in runs))
         else:
             print(report.runs_text(runs) if runs else "no runs")
     return EXIT_OK
@@ -194,12 +242,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
-    with open_store(args) as store:
+    with open_store(args, recovering=(args.run_id, recovery.manual_note(args.reason))) as store:
         run = resolve_run_id(store, args.run_id)
-        if any(swept.id == run.id for swept in _swept(args).terminated):
-            # The recovery on open closed it just now with a more precise cause than `manual`.
-            print(f"run {run.id} terminated: {run.status} ({run.cause}): {run.error}"
-                  + ("; --reason was not recorded" if args.reason else ""))
+        swept = next((closed for closed in _swept(args).terminated if closed.id == run.id), None)
+        if swept is not None:
+            # Its owner is provably dead: closed with that cause (more precise than `manual`) and the reason.
+            print(f"run {swept.id} terminated: {swept.status} ({swept.cause}): {swept.error}")
             return EXIT_OK
         if run.status != RunStatus.RUNNING.value:
             print(f"run {run.id} is already {run.status}" + (f" ({run.cause})" if run.cause else "") + "; nothing to do")
@@ -289,17 +337,25 @@ def _stranded_line(label: str, stranded: StrandedCases) -> str:
 class open_store:
     """Open the database and, unless --no-recover, terminate orphaned runs first."""
 
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, args: argparse.Namespace, recovering: tuple[str, str] | None = None):
         self.args = args
+        self.recovering = recovering  # (run id or prefix, note): `recover`'s run, closed with its reason
 
     def __enter__(self) -> DuckDBStore:
-        self.store = DuckDBStore.open(self.args.db)
+        given = getattr(self.args, "_store", None)  # inside `serve`, which holds the file (local_cli.py)
+        self.store = given or DuckDBStore.open(self.args.db)
+        self.owns_store = given is None
         if not self.args.no_recover:
-            self.args._swept = recovery.sweep(self.store, utcnow(), db_path=self.store.path)
+            recovering = None
+            if self.recovering is not None:
+                with contextlib.suppress(UsageError):
+                    recovering = (resolve_run_id(self.store, self.recovering[0]).id, self.recovering[1])
+            self.args._swept = recovery.sweep(self.store, utcnow(), db_path=self.store.path, recovering=recovering)
         return self.store
 
     def __exit__(self, *exc: object) -> None:
-        self.store.close()
+        if self.owns_store:
+            self.store.close()
 
 
 def resolve_run_id(store: DuckDBStore, text: str) -> RunRow:
@@ -312,6 +368,12 @@ def resolve_run_id(store: DuckDBStore, text: str) -> RunRow:
     if not matches:
         raise UsageError(f"no run with id {text!r} in {store.path} (see `evalrunner runs`)")
     raise UsageError(f"run id prefix {text!r} is ambiguous: {', '.join(m.id for m in matches)}")
+
+
+def add_retention_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--retain-days", type=float, default=0, metavar="N",
+                   help="delete completed and failed runs (with their cases) that ended more than N days ago, "
+                        "hourly; never a running one (default 0: keep everything)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -362,6 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--admin-token-env", default="EVALRUNNER_ADMIN_TOKEN", metavar="VAR",
                    help="environment variable holding the admin token, which also enables the page's "
                         "terminate action (default %(default)s)")
+    add_retention_flag(p)
     p.add_argument("--sweep-interval", type=float, default=SWEEP_INTERVAL_S, metavar="S",
                    help="seconds between background sweeps for orphaned runs; 0 disables them (default %(default)s)")
 
@@ -379,12 +442,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how often pods are classified against the clock (default %(default)s)")
     p.add_argument("--sweep-interval", type=float, default=SWEEP_INTERVAL_S, metavar="S")
     p.add_argument("--heartbeat-timeout", type=float, default=HEARTBEAT_LEASE_S, metavar="S")
+    p.add_argument("--job-ttl", type=float, default=JOB_TTL_S, metavar="S",
+                   help="delete a finished runner Job (and its pod) this long after its run row closed; "
+                        "-1 keeps them (default %(default)s)")
+    p.add_argument("--runner-image", default=os.environ.get("EVALRUNNER_RUNNER_IMAGE", f"evalrunner:{__version__}"),
+                   metavar="IMAGE", help="the image of runner pods whose EvalRun names none: the controller's own "
+                                         "(the Helm chart passes it; default %(default)s)")
+    p.add_argument("--api-timeout", type=float, default=API_REQUEST_TIMEOUT_S, metavar="S",
+                   help="give up on a Kubernetes API request after this long (default %(default)s)")
+    add_retention_flag(p)
 
     p = add("runs", cmd_runs, "list runs, newest first")
     p.add_argument("--status", choices=[s.value for s in RunStatus])
     p.add_argument("--suite")
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--json", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="run ids only, one a line (for scripts)")
 
     p = add("show", cmd_show, "show one run with its cases and attempts")
     p.add_argument("run_id", metavar="RUN_ID", help="run id or a unique prefix")
@@ -411,20 +484,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    output.tolerate_closed_pipes()  # a reader that goes away (`| head`) must not change a run's result
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse(parser, argv)
+    try:
+        log.configure(args.log_format, args.log_level)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return dispatch(args, argv)
+
+
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     for name, default in (("db", default_db_path()), ("log_format", os.environ.get("EVALRUNNER_LOG_FORMAT", "console")),
                           ("log_level", os.environ.get("EVALRUNNER_LOG_LEVEL", "info")),
                           ("no_recover", False)):
         if not hasattr(args, name):
             setattr(args, name, default)
-    try:
-        log.configure(args.log_format, args.log_level)
-    except ValueError as exc:
-        parser.error(str(exc))
+    return args
+
+
+def dispatch(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Run the command; a database held by `evalrunner serve` is worked on through it."""
     fail = functools.partial(_fail, log_format=args.log_format)
     try:
         return args.func(args)
+    except StoreLockedError as exc:
+        server = local_server.find(args.db, exc.pid) if args.command in THROUGH_SERVER else None
+        if server is None:
+            return fail(str(exc), EXIT_NOT_RECORDED)
+        return _through_server(server, argv, fail)
     except SuiteFileError as exc:
         return fail(str(exc), EXIT_BAD_INPUT)
     except (UsageError, ResumeError) as exc:
@@ -437,6 +527,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(str(exc), EXIT_NOT_RECORDED)
     except _target_errors() as exc:
         return fail(f"{args.__dict__.get('suite', 'suite')}: target: {exc}", EXIT_BAD_INPUT)
+
+
+# Commands that, on a file `evalrunner serve` holds, run inside it (service/local_cli.py); `run` runs
+# its suite here and records it through the server's API (cmd_run).
+THROUGH_SERVER = frozenset({"runs", "show", "recover", "verify", "sweep", "compare"})
+
+
+def _through_server(server: local_server.LocalServer, argv: Sequence[str], fail: Callable[[str, int], int]) -> int:
+    from .store.http_client import HttpStore, StoreServiceError
+
+    try:
+        answer = HttpStore(server.url, server.token).run_cli(list(argv))
+    except StoreServiceError as exc:
+        return fail(f"the server holding the database ({server.url}, PID {server.pid}) did not run the command: "
+                    f"{exc}", EXIT_NOT_RECORDED)
+    sys.stdout.write(answer["stdout"])
+    sys.stderr.write(answer["stderr"])
+    return int(answer["exit_code"])
 
 
 def _target_errors() -> tuple[type[BaseException], ...]:

@@ -93,3 +93,44 @@ def per_case_events() -> bool:
 
 def get(**context: Any) -> Any:
     return structlog.get_logger("evalrunner").bind(**context)
+
+
+# ---------------------------------------------------------------- libraries' own logging
+
+API_REQUEST_RETRIED = "controller.api_request_retried"  # kopf retries a failed Kubernetes API call
+API_REQUEST_FAILED = "controller.api_request_failed"  # ... and gave up on it
+LIBRARY_LOG = "controller.library_log"  # anything else kopf or a client library logs
+
+
+class _ToStructlog(logging.Handler):
+    """Library log records (kopf, the Kubernetes client) as our events, in our format, never raw lines.
+
+    kopf's "Request attempt #1/9 failed; will retry: ... 429 storage is (re)initializing" is the
+    first thing a controller says while the API server starts; it becomes `controller.api_request_retried`
+    with the request and the error, at warning level, since kopf retries it.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+            level = record.levelno
+            event, fields = LIBRARY_LOG, {"logger": record.name, "message": message}
+            if message.startswith("Request attempt") and "failed" in message:
+                retried = "will retry" in message or "will re-authenticate" in message
+                event = API_REQUEST_RETRIED if retried else API_REQUEST_FAILED
+                level = logging.WARNING if retried else logging.ERROR
+                attempt, _, rest = message.partition(" failed; ")
+                fields = {"attempt": attempt.removeprefix("Request attempt ").strip(), "detail": rest}
+            get(component="controller").log(level, event, **fields)
+        except Exception:  # logging must never break the caller
+            self.handleError(record)
+
+
+def route_library_logs(level: int = logging.WARNING) -> None:
+    """Send the standard library's log records (kopf, kubernetes, urllib3, aiohttp) through structlog."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, _ToStructlog):
+            root.removeHandler(handler)
+    root.addHandler(_ToStructlog())
+    root.setLevel(level)

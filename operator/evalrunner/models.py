@@ -687,11 +687,12 @@ MAX_RETRIES = 10
 class EvalRunSpec(Frozen):
     """What to run: suites, each as a Kubernetes Job of the runner image, with retries that resume."""
 
-    image: str = Field(
-        default="evalrunner:0.1.0",
+    image: str | None = Field(
+        default=None,
         min_length=1,
         max_length=512,
-        description="The runner image. Default: evalrunner:0.1.0.",
+        description="The runner image. Default: the controller's own image (the Helm chart's `image` values), "
+        "so runners come from the registry the controller was installed from.",
     )
     suites: list[EvalRunSuite] = Field(
         min_length=1,
@@ -743,8 +744,9 @@ class EvalRunSpec(Frozen):
         default=None,
         ge=0,
         le=31_536_000,
-        description="Delete each finished Job (and its pod) this many seconds after it ends. Default: keep "
-        "them until the EvalRun is deleted.",
+        description="Have Kubernetes delete each finished Job (and its pod) this many seconds after it ends, "
+        "whatever its run row says. Default: the controller deletes it once its run row is closed and the "
+        "controller's job TTL (10 minutes by default) has passed.",
     )
 
     @field_validator("suites")

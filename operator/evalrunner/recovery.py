@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Callable
 
@@ -112,8 +112,14 @@ def sweep(
     liveness: LivenessCheck | None = None,
     terminated_by: str = "sweeper",
     db_path: str | None = None,
+    recovering: tuple[str, str] | None = None,
 ) -> SweepResult:
-    """Terminate every orphaned running row, then repair case rows left running under closed runs."""
+    """Terminate every orphaned running row, then repair case rows left running under closed runs.
+
+    `recovering` is (run id, an operator's note) of a run being recovered by
+    hand: if it is an orphan, it keeps its classified cause, the note is added
+    to its error and the close is credited to `manual`.
+    """
     host = socket.gethostname()
     check = liveness or (lambda owner: local_liveness(owner, host))
     terminated = []
@@ -121,7 +127,10 @@ def sweep(
         orphan = classify_orphan(run, now, check, heartbeat_timeout_s)
         if orphan is None:
             continue
-        closed = close_orphan(store, orphan, terminated_by, db_path)
+        by = terminated_by
+        if recovering is not None and run.id == recovering[0]:
+            orphan, by = replace(orphan, reason=f"{orphan.reason}; {recovering[1]}"), "manual"
+        closed = close_orphan(store, orphan, by, db_path)
         if closed is not None:
             terminated.append(closed)
     return SweepResult(terminated, repair_stranded_cases(store, terminated_by))
@@ -196,6 +205,10 @@ class RecoveryRefused(Exception):
     pass
 
 
+def manual_note(reason: str | None) -> str:
+    return f"Manual recovery: {reason}" if reason else "Manual recovery"
+
+
 def recover_run(store: RunStore, run: RunRow, reason: str | None, force: bool = False) -> RunRow | None:
     """The runbook's manual recovery: fail a running row (and its running cases).
 
@@ -209,8 +222,7 @@ def recover_run(store: RunStore, run: RunRow, reason: str | None, force: bool = 
             f"run {run.id} is owned by a live process ({run.owner.describe() if run.owner else '?'}); "
             "stop that process, or pass --force to terminate the row anyway"
         )
-    error = f"Manual recovery: {reason}" if reason else "Manual recovery"
-    closed = store.terminate_run(run.id, Cause.MANUAL, error, "manual")
+    closed = store.terminate_run(run.id, Cause.MANUAL, manual_note(reason), "manual")
     if closed is not None:
         log_terminated(closed, "manual")
     return closed

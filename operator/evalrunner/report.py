@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 import xml.etree.ElementTree as ET
 from datetime import datetime
@@ -14,7 +15,12 @@ from .usage import NONE, Usage
 
 
 class ProgressBar:
-    """A one-line bar on a terminal; silent when stderr is not a terminal (logs suffice there)."""
+    """A one-line bar on a terminal; silent when stderr is not a terminal (logs suffice there).
+
+    Log lines share the terminal: written through `log_stream()`, each erases
+    the bar's line, takes it, and the bar is redrawn below it, so a log line
+    never lands on the end of the bar.
+    """
 
     def __init__(self, total: int, stream: TextIO | None = None, enabled: bool | None = None):
         self.stream = stream or sys.stderr
@@ -22,32 +28,83 @@ class ProgressBar:
         self.total = total
         self.counts = {"pass": 0, "fail": 0, "error": 0}
         self._last_draw = 0.0
+        self._drawn = False  # the bar is on the terminal's current line
+        self._lock = threading.Lock()
 
     def update(self, verdict: str) -> None:
         self.counts[verdict] = self.counts.get(verdict, 0) + 1
         now = time.monotonic()
-        done = sum(self.counts.values())
-        if self.enabled and (now - self._last_draw > 0.1 or done == self.total):
+        if self.enabled and (now - self._last_draw > 0.1 or sum(self.counts.values()) == self.total):
             self._last_draw = now
-            width = 30
-            filled = int(width * done / max(self.total, 1))
-            c = self.counts
-            self.stream.write(
-                f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total}  "
-                f"pass {c['pass']}  fail {c['fail']}  error {c['error']}"
-            )
-            self.stream.flush()
+            with self._lock:
+                self._draw()
+
+    def _draw(self) -> None:
+        done = sum(self.counts.values())
+        width = 30
+        filled = int(width * done / max(self.total, 1))
+        c = self.counts
+        self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total}  "
+                          f"pass {c['pass']}  fail {c['fail']}  error {c['error']}")
+        self.stream.flush()
+        self._drawn = True
+
+    def log_stream(self) -> TextIO:
+        """A stream for log lines that keeps them off the bar's line (the plain stream when disabled)."""
+        return _AboveTheBar(self) if self.enabled else self.stream  # type: ignore[return-value]
 
     def finish(self) -> None:
-        if self.enabled and sum(self.counts.values()):
-            self.stream.write("\n")
-            self.stream.flush()
+        with self._lock:
+            if self.enabled and self._drawn:
+                self.stream.write("\n")
+                self.stream.flush()
+                self._drawn = False
+
+
+class _AboveTheBar:
+    """Writes of whole log lines: erase the bar, write the line, draw the bar again."""
+
+    ERASE_LINE = "\r\x1b[2K"
+
+    def __init__(self, bar: ProgressBar):
+        self.bar = bar
+
+    def write(self, text: str) -> int:
+        bar = self.bar
+        with bar._lock:
+            if bar._drawn:
+                bar.stream.write(self.ERASE_LINE)
+                bar._drawn = False
+            bar.stream.write(text)
+            if text.endswith("\n") and sum(bar.counts.values()):
+                bar._draw()
+        return len(text)
+
+    def flush(self) -> None:
+        self.bar.stream.flush()
+
+    def isatty(self) -> bool:
+        return self.bar.stream.isatty()
+
+
+CLOSED_BY_ITS_RUNNER = (None, "runner")
 
 
 def duration_s(run: RunRow, now: datetime | None = None) -> float | None:
+    """How long the run's runner ran: to its close, or, for a run someone else closed (a sweeper,
+    the controller, a person), to the runner's last sign of life, never to when the death was noticed."""
     start = run.started_at or run.created_at
     end = run.completed_at or now
-    return (end - start).total_seconds() if start and end else None
+    if run.completed_at and run.terminated_by not in CLOSED_BY_ITS_RUNNER and run.heartbeat_at:
+        end = min(run.completed_at, run.heartbeat_at)
+    return max(0.0, (end - start).total_seconds()) if start and end else None
+
+
+def closed_by(run: RunRow) -> str | None:
+    """Who wrote the run's terminal status: its runner, the sweeper, the controller, manual; None while running."""
+    if run.status == "running":
+        return None
+    return run.terminated_by or "runner"
 
 
 def run_to_dict(run: RunRow) -> dict[str, Any]:
@@ -125,7 +182,7 @@ def run_summary_text(run: RunRow, cases: Sequence[CaseRow]) -> str:
     rows = [
         (c.name, verdict(c), c.score, None if c.duration_ms is None else f"{c.duration_ms:.0f}ms",
          *((c.total_tokens,) if with_tokens else ()),
-         c.error or c.detail or ("carried over" if c.carried_from else None))
+         _detail(c))
         for c in shown
     ]
     headers = ["case", "result", "score", "time", *(["tokens"] if with_tokens else []), "detail"]
@@ -150,13 +207,27 @@ def run_summary_text(run: RunRow, cases: Sequence[CaseRow]) -> str:
     return f"{body}\n\n{footer}"
 
 
+def _detail(case: CaseRow) -> str | None:
+    """What to say of a case: its error or scorer's detail, and whether an earlier attempt ran it."""
+    said = case.error or case.detail
+    if case.carried_from:
+        return f"carried over: {said}" if said else "carried over"
+    return said
+
+
 def runs_text(runs: Sequence[RunRow]) -> str:
     rows = [
-        (r.id, r.suite, r.status, r.cause, r.attempt, r.created_at, duration_s(r, datetime.now(r.created_at.tzinfo)),
+        (r.id, r.suite, r.status, r.cause, r.attempt, r.created_at,
+         _seconds(duration_s(r, datetime.now(r.created_at.tzinfo))), closed_by(r),
          f"{r.passed or 0}/{r.failed or 0}/{r.errored or 0}" if r.status != "running" else "-")
         for r in runs
     ]
-    return table(["run", "suite", "status", "cause", "attempt", "created", "secs", "pass/fail/err"], rows)
+    return table(["run", "suite", "status", "cause", "attempt", "created", "secs", "closed by", "pass/fail/err"],
+                 rows)
+
+
+def _seconds(value: float | None) -> str | None:
+    return None if value is None else f"{value:.2f}"
 
 
 def junit_xml(run: RunRow, cases: Sequence[CaseRow]) -> bytes:

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from . import models
+from .sync_calls import SYNC_CALLS
 from .models import JsonValue
 
 STDERR_TAIL_CHARS = 500
@@ -102,9 +103,9 @@ class PythonInvoke:
     async def __call__(self, input: JsonValue) -> JsonValue:
         if self.is_async:
             return await self.function(input)
-        # A sync call that times out cannot be interrupted: the awaiting task is
-        # cancelled, but the worker thread runs to completion in the background.
-        return await asyncio.to_thread(self.function, input)
+        # A sync call that times out cannot be interrupted: the awaiting task is cancelled,
+        # and the call runs on in a daemon thread that the process does not wait for at exit.
+        return await SYNC_CALLS.call(self.function, input)
 
     async def aclose(self) -> None:
         pass

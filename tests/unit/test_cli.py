@@ -7,9 +7,11 @@ Exit codes are contract (see the docstring of evalrunner.cli): 0 passed,
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,8 @@ from helpers import (
     query,
     read_run,
     read_runs,
+    cli_args,
+    cli_env,
     run_cli,
     start_cli,
     start_sleeper,
@@ -150,7 +154,8 @@ def test_locked_database_exits_3_naming_holder_pid(tmp_path: Path) -> None:
         assert f"process {holder.pid}" in result.stderr
         assert str(db) in result.stderr
         # says what to do
-        assert "Wait for that run to finish" in result.stderr and "--db" in result.stderr
+        assert "Wait for it to finish" in result.stderr and "--db" in result.stderr
+        assert "start `evalrunner serve --db FILE` first" in result.stderr
         assert_no_traceback(result.stderr)
 
         doctor = run_cli(["doctor"], db, log_format=None)
@@ -262,6 +267,13 @@ def test_runs_filters_by_status_and_suite(history: History) -> None:
     assert history.ghost_id in text.stdout and "killed" in text.stdout and smoke_id not in text.stdout
 
 
+def test_runs_quiet_prints_ids_only_for_scripts(history: History) -> None:
+    result = run_cli(["runs", "--suite", "mixed", "--limit", "1", "-q"], history.db, log_format=None)
+    assert result.returncode == 0
+    [run_id] = result.stdout.split()
+    assert read_run(history.db, run_id).suite == "mixed"  # type: ignore[union-attr]
+
+
 def test_show_by_id_and_unique_prefix(history: History) -> None:
     mixed_id = history.mixed_json["run"]["id"]
     full = run_cli(["show", mixed_id], history.db)
@@ -355,6 +367,43 @@ def test_stuck_run_of_killed_process_is_reported_then_recovered_manually(tmp_pat
     assert read_run(db, run_id).error == run.error  # type: ignore[union-attr]  # terminal rows never change
 
 
+def test_recover_with_a_reason_after_a_kill_records_both_the_cause_and_the_reason(tmp_path: Path) -> None:
+    """Without --no-recover the command's own sweep closes the killed run first: the reason must still be kept."""
+    db = tmp_path / "db.duckdb"
+    run_id, _ = kill_after_first_case(db)
+    recover = run_cli(["recover", run_id, "--reason", "disk was full"], db, log_format=None)
+    assert recover.returncode == 0, recover.stderr
+    assert "not recorded" not in recover.stdout, recover.stdout
+    run = read_run(db, run_id)
+    assert run is not None and (run.status, run.cause) == ("failed", "killed"), "the precise cause stays"
+    assert "disk was full" in (run.error or ""), run.error
+    assert run.terminated_by == "manual", "the operator's command closed it"
+
+
+def test_runs_shows_the_runners_own_duration_and_who_closed_each_run(tmp_path: Path, history: History) -> None:
+    """A killed run swept seconds later took as long as its runner lived, not until the sweep."""
+    db = tmp_path / "db.duckdb"
+    run_id, _ = kill_after_first_case(db)
+    killed_at = time.monotonic()
+    time.sleep(2.5)
+    listed = run_cli(["runs"], db, log_format=None)
+    swept_after = time.monotonic() - killed_at
+    header, _, *rows = listed.stdout.splitlines()
+    columns = header.split()
+    assert "closed" in header and "by" in header, header
+    row = next(r for r in rows if r.startswith(run_id)).split()
+    secs = float(row[columns.index("secs") + 1])  # "closed by" is two words in the header
+    runner = read_run(db, run_id)
+    assert runner is not None and runner.terminated_by == "sweeper"
+    lived = (runner.heartbeat_at - runner.started_at).total_seconds()
+    assert abs(secs - lived) < 0.01 and secs < swept_after - 2, (secs, lived, swept_after)
+    assert "sweeper" in row
+
+    own = run_cli(["runs"], history.db, log_format=None).stdout.splitlines()[2:]
+    assert own and all(re.search(r"  \d+\.\d\d  ", line) for line in own), own  # one format: 0.03, 1.03
+    assert all(" runner " in line for line in own if not line.startswith(history.ghost_id)), own
+
+
 def test_verify_terminates_dead_owner_run_when_recovering(tmp_path: Path) -> None:
     db = tmp_path / "db.duckdb"
     stuck = insert_running_row(db, "ghost", dead_owner())
@@ -366,16 +415,17 @@ def test_verify_terminates_dead_owner_run_when_recovering(tmp_path: Path) -> Non
 
 
 def test_recover_of_dead_owner_run_says_what_closed_it(tmp_path: Path) -> None:
-    """Without --no-recover the recovery on open closes the row first (cause `killed`); say so."""
+    """Without --no-recover the recovery on open closes the row (cause `killed`), with the reason; say so."""
     db = tmp_path / "db.duckdb"
     stuck = insert_running_row(db, "ghost", dead_owner())
-    result = run_cli(["recover", stuck.id, "--reason", "stuck since monday"], db)
+    result = run_cli(["recover", stuck.id[:12], "--reason", "stuck since monday"], db)
     assert result.returncode == 0, result.stderr
     assert "nothing to do" not in result.stdout
     assert f"run {stuck.id} terminated: failed (killed)" in result.stdout
-    assert "--reason was not recorded" in result.stdout
+    assert "Manual recovery: stuck since monday" in result.stdout
     run = read_run(db, stuck.id)
     assert run is not None and (run.status, run.cause) == ("failed", "killed")
+    assert run.error.endswith("; Manual recovery: stuck since monday"), run.error
 
 
 def test_recover_row_whose_owner_cannot_be_checked(tmp_path: Path) -> None:
@@ -415,3 +465,50 @@ def test_recover_refuses_live_owner_unless_forced(tmp_path: Path) -> None:
         assert sleeper.poll() is None, "recover only closes the row; it does not kill the owner"
     finally:
         kill_and_reap(sleeper)
+
+
+@pytest.mark.parametrize("log_format", ["json", "console"])
+def test_a_closed_output_pipe_does_not_change_the_runs_result(tmp_path: Path, log_format: str) -> None:
+    """`evalrunner run SUITE 2>&1 | head -3`: the reader goes away after three lines; the run still passed."""
+    db = tmp_path / "pipe.duckdb"
+    proc = subprocess.Popen(cli_args(["run", str(SMOKE)], db, log_format), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env=cli_env())
+    assert proc.stdout is not None
+    for _ in range(3):
+        proc.stdout.readline()
+    proc.stdout.close()  # what `head -3` does once it has its lines
+    assert proc.wait(timeout=60) == 0, "all six cases passed: a closed stdout is not a failure"
+    run = read_runs(db)[0]
+    assert (run.status, run.cause, run.passed) == ("completed", None, 6), run
+
+
+def test_a_timed_out_sync_target_does_not_hold_the_process(tmp_path: Path) -> None:
+    """A synchronous target cannot be interrupted; the process still ends when its cases are decided."""
+    (tmp_path / "stuck.py").write_text("import time\n\ndef wait(value):\n    time.sleep(6)\n    return value\n")
+    suite = write_suite(tmp_path, """\
+name: stuck
+timeout_seconds: 0.5
+concurrency: 2
+target: {python: {callable: "stuck:wait"}}
+cases:
+  - {id: a, input: x, expected: x}
+  - {id: b, input: y, expected: y}
+""")
+    db = tmp_path / "db.duckdb"
+    began = time.monotonic()
+    result = run_cli(["run", suite], db)
+    took = time.monotonic() - began
+    assert result.returncode == 1, result.stderr
+    run = read_runs(db)[0]
+    assert (run.status, run.errored) == ("completed", 2)
+    assert took < 4, f"the process waited {took:.1f}s for threads whose cases timed out at 0.5 s"
+
+
+def test_the_controller_without_any_credentials_says_what_is_missing(tmp_path: Path) -> None:
+    """No service-account token (not in a pod) and no kubeconfig: one clear line and exit 2, no traceback."""
+    env = {"HOME": str(tmp_path), "KUBECONFIG": ""}
+    result = run_cli(["controller", "--port", "0"], tmp_path / "db.duckdb", env=env, log_format=None, timeout=30)
+    assert result.returncode == 2, result.stderr
+    assert "serviceaccount/token" in result.stderr and "--kubeconfig" in result.stderr, result.stderr
+    assert_no_traceback(result.stderr)
+    assert not (tmp_path / "db.duckdb").exists(), "nothing is created before the credentials are found"
