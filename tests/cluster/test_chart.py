@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from operator_support import (
-    REPO, ControllerProcess, EvalRuns, create_namespace, evalrun_manifest, kubeconfig_for_token, service_account_token, slow_suite,
+    REPO, RUN_ID, ControllerProcess, EvalRuns, create_namespace, evalrun_manifest, kubeconfig_for_token, service_account_token, slow_suite,
     smoke_suite, tool_path, wait_for,
 )
 
@@ -332,6 +332,11 @@ def test_editing_the_spec_starts_added_suites_and_leaves_started_ones(controller
 def test_kubectl_get_describe_and_explain(cluster, kubectl, controller, evalruns):
     evalruns.create(evalrun_manifest("kube", [smoke_suite("smoke"), slow_suite("slow", cases=10, seconds=0.5)]))
     pod = evalruns.running_pod("kube", "slow")
+    run_id = pod.metadata.annotations[RUN_ID]
+    # Killed with a case in flight: its `running` row is durable within a flush interval of its start.
+    wait_for("a case of the slow suite in flight",
+             lambda: controller.run(run_id) and any(c["status"] == "running" for c in controller.cases(run_id)),
+             interval=0.05)
     os.killpg(cluster.pod_pid(evalruns.namespace, pod.metadata.name), signal.SIGKILL)
     evalruns.wait_phase("kube", ("Succeeded", "Failed"))
     wait_for("the Events", lambda: any(r == "RunTerminated" for r, _ in evalruns.events("kube")))
