@@ -344,7 +344,7 @@ def test_kubectl_get_describe_and_explain(cluster, kubectl, controller, evalruns
     got = run([kubectl, "get", "evalruns", "-n", evalruns.namespace], kubeconfig=cluster.kubeconfig).stdout
     header, row = got.splitlines()[:2]
     assert header.split() == ["NAME", "PHASE", "SUITES", "PASSED", "FAILED", "ERRORED", "AGE"]
-    assert row.split()[:5] == ["kube", "Failed", "2/2", "2", "1"]
+    assert row.split()[:5] == ["kube", "Failed", "2/2", "2", "1"], _runner_logs(cluster, evalruns, "kube")
     assert int(row.split()[5]) >= 1, row  # the killed runner's case in flight
     short = run([kubectl, "get", "er", "-n", evalruns.namespace], kubeconfig=cluster.kubeconfig).stdout
     assert short.splitlines()[1].startswith("kube")
@@ -356,3 +356,11 @@ def test_kubectl_get_describe_and_explain(cluster, kubectl, controller, evalruns
     for field in ("timeoutSeconds", "concurrency", "target", "cases", "configMapRef", "concurrencyPolicy"):
         assert field in explained
     assert "Per-case timeout" in explained or "per-case timeout" in explained
+
+
+def _runner_logs(cluster, evalruns: EvalRuns, name: str) -> str:
+    """The EvalRun's runner pods' output, for a failure message."""
+    pods = evalruns.core.list_namespaced_pod(evalruns.namespace,
+                                             label_selector=f"evals.workshop.dev/evalrun={name}").items
+    return "\n".join(f"--- {p.metadata.name} ({p.status.phase})\n{cluster.pod_log(evalruns.namespace, p.metadata.name)[-3000:]}"
+                     for p in pods)

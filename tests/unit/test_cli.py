@@ -396,7 +396,8 @@ def test_runs_shows_the_runners_own_duration_and_who_closed_each_run(tmp_path: P
     runner = read_run(db, run_id)
     assert runner is not None and runner.terminated_by == "sweeper"
     lived = (runner.heartbeat_at - runner.started_at).total_seconds()
-    assert abs(secs - lived) < 0.01 and secs < swept_after - 2, (secs, lived, swept_after)
+    closed_span = (runner.completed_at - runner.started_at).total_seconds()  # until the sweep closed it
+    assert abs(secs - lived) < 0.01 and secs < closed_span - 2, (secs, lived, closed_span, swept_after)
     assert "sweeper" in row
 
     own = run_cli(["runs"], history.db, log_format=None).stdout.splitlines()[2:]
