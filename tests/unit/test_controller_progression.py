@@ -392,3 +392,22 @@ def test_a_suite_that_finishes_between_two_refreshes_still_gets_its_suite_starte
     reasons = world.kube.reasons("fast")
     assert "SuiteStarted" in reasons and "SuiteCompleted" in reasons, reasons
     assert reasons.index("SuiteStarted") < reasons.index("SuiteCompleted")
+
+
+def test_a_finished_evalrun_whose_rows_retention_deleted_is_not_run_again(world):
+    """`--retain-days` deletes old rows; the EvalRun object (kept by GitOps) must not start its suites anew."""
+    evalrun = world.kube.add_evalrun("nightly", [suite("qa")])
+    world.created(evalrun)
+    _, run = world.started_pod("nightly", "qa")
+    world.runner_finishes(run)
+    world.settle()
+    assert world.kube.status("nightly")["phase"] == "Succeeded"
+    world.kube.delete_job(NAMESPACE, "nightly-qa-1")  # the janitor, long ago
+    world.clock.advance(40 * 86400)
+    assert world.store.delete_expired_runs(world.clock.now).runs == 1
+
+    world.created(world.kube.evalrun("nightly"))  # a restarted controller lists it again
+    world.settle()
+    assert world.job("nightly", "qa") is None, "its suite was started again"
+    status = world.kube.status("nightly")
+    assert status["phase"] == "Succeeded" and world.kube.suite_status("nightly", "qa")["phase"] == "Succeeded", status

@@ -124,10 +124,14 @@ class Progression:
         if spec is None:
             return
         scope = Scope.of(evalrun)
+        finished = status.finished_entries(evalrun)
         for suite in spec.suites:
             if self._refusal(evalrun, scope, suite.name):
                 continue
-            attempt = wanted_attempt(self._latest_row(scope, suite.name), spec.retries)
+            latest = self._latest_row(scope, suite.name)
+            if latest is None and suite.name in finished:
+                continue  # it ran; retention deleted its rows since
+            attempt = wanted_attempt(latest, spec.retries)
             if attempt is None:
                 continue
             job = self.kube.get_job(namespace, builders.job_name(name, suite.name, attempt.number))
@@ -323,11 +327,13 @@ class Progression:
     def _publish_status(self, evalrun: dict[str, Any], spec: EvalRunSpec, scope: Scope) -> None:
         meta = evalrun["metadata"]
         states = []
+        finished = status.finished_entries(evalrun)
         for suite in spec.suites:
             latest = self._latest_row(scope, suite.name)
             attempt = latest.attempt if latest else 1
             states.append(status.SuiteState(suite.name, latest, builders.job_name(meta["name"], suite.name, attempt),
-                                            self._refusal(evalrun, scope, suite.name)))
+                                            self._refusal(evalrun, scope, suite.name),
+                                            expired=finished.get(suite.name) if latest is None else None))
         old = evalrun.get("status") or {}
         new = status.build_status(spec, meta.get("generation"), states, old, self.clock())
         patch = status.status_patch(old, new)

@@ -3,7 +3,9 @@
 The status never remembers what the rows can tell: each suite's latest
 attempt, its phase, counts and cause come from the store. Only a refusal (by
 the suite's concurrency policy, or of a suite too large for its ConfigMap) has
-no row, so it is carried over from the previous status.
+no row, so it is carried over from the previous status; so is a finished
+suite whose rows retention deleted (`--retain-days`): the status is then the
+only record that it ran, and it must not run again.
 """
 
 from __future__ import annotations
@@ -44,6 +46,14 @@ class SuiteState:
     latest: RunRow | None
     job_name: str | None
     refused: str | None = None  # message, when the concurrency policy refused the suite
+    expired: dict[str, Any] | None = None  # its finished entry in the last status, when retention deleted its rows
+
+
+def finished_entries(evalrun: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The suites the EvalRun's status records as finished (Succeeded or Failed), by name."""
+    done = (EvalRunPhase.SUCCEEDED.value, EvalRunPhase.FAILED.value)
+    return {entry["name"]: entry for entry in (evalrun.get("status") or {}).get("suites", [])
+            if entry.get("name") and entry.get("phase") in done}
 
 
 def suite_status(state: SuiteState, retries: int) -> dict[str, Any]:
@@ -56,7 +66,7 @@ def suite_status(state: SuiteState, retries: int) -> dict[str, Any]:
         out.update(phase=EvalRunPhase.FAILED.value, message=state.refused)
         return out
     if row is None:
-        return out
+        return dict(state.expired) if state.expired else out
     out.update(runId=row.id, attempt=row.attempt, passed=row.passed or 0, failed=row.failed or 0,
                errored=row.errored or 0)
     if row.status == RunStatus.RUNNING.value:
