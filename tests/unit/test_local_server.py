@@ -88,7 +88,7 @@ def test_every_command_works_through_a_running_serve(serve, tmp_path):
     listed = run_cli(["runs"], serve.db, log_format=None)
     assert listed.returncode == 0 and listed.stdout.count("smoke  completed") == 2, listed.stdout + listed.stderr
     run_a = [line.split()[0] for line in listed.stdout.splitlines()[2:] if not line.startswith(run_b)][0]
-    shown = run_cli(["show", run_b[:15]], serve.db, log_format=None)
+    shown = run_cli(["show", run_b[:-2]], serve.db, log_format=None)
     assert shown.returncode == 0 and "passed 6" in shown.stdout, shown.stdout + shown.stderr
     compared = run_cli(["compare", run_a, run_b, "--format", "json"], serve.db, log_format=None)
     assert compared.returncode == 0 and json.loads(compared.stdout)["regressions"] == []
