@@ -64,7 +64,11 @@ def test_fake_nodes_register_ready_with_a_lease(cluster, fake_nodes):
             node = core.read_node(name)
             assert {c.type: c.status for c in node.status.conditions}["Ready"] == "True"
             assert node.metadata.annotations[kwok.NODE_ANNOTATION] == "fake"
-            assert [(t.key, t.effect) for t in node.spec.taints] == [(kwok.TAINT["key"], "NoSchedule")]
+            # Only kwok's own taint, once the node lifecycle controller has lifted `not-ready` (it does so
+            # shortly after the node turns Ready, not at the same moment).
+            wait_for(f"node {name} tainted with kwok's taint alone",
+                     lambda name=name: [(t.key, t.effect) for t in core.read_node(name).spec.taints or []]
+                     == [(kwok.TAINT["key"], "NoSchedule")], timeout=30)
             assert node.status.node_info.kubelet_version.startswith("kwok-")
             lease = wait_for(f"the Lease of {name}", lambda name=name: _lease(leases, name), timeout=15)
             assert lease.spec.renew_time is not None
