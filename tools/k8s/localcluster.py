@@ -91,9 +91,10 @@ class ClusterError(RuntimeError):
     pass
 
 
-def read_versions() -> dict[str, str]:
+def read_versions(path: Path | None = None) -> dict[str, str]:
+    """KEY=VALUE lines of a pinned-versions file (this directory's by default; tools/kwok has its own)."""
     versions = {}
-    for line in (HERE / "versions.env").read_text().splitlines():
+    for line in (path or HERE / "versions.env").read_text().splitlines():
         line = line.strip()
         if line and not line.startswith("#") and "=" in line:
             key, value = line.split("=", 1)

@@ -74,13 +74,7 @@ class KwokError(RuntimeError):
 
 
 def read_versions() -> dict[str, str]:
-    versions = {}
-    for line in (HERE / "versions.env").read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith("#") and "=" in line:
-            key, value = line.split("=", 1)
-            versions[key] = value
-    return versions
+    return localcluster.read_versions(HERE / "versions.env")
 
 
 def binary() -> Path:

@@ -140,36 +140,29 @@ def _file_size(path: str) -> int | None:
 
 
 def _retention(store: DuckDBStore, retain_days: float, interval_s: float):
-    async def retain_forever() -> None:
-        while True:
-            try:
-                # Not on the store thread: the pass takes the writer in short turns, and the API's reads
-                # must not wait for all of it.
-                await asyncio.to_thread(delete_expired, store, retain_days)
-            except Exception as exc:  # tried again next interval; say so, don't die
-                log.get().error("store.retention_failed", error=f"{type(exc).__name__}: {exc}")
-            await asyncio.sleep(interval_s)
-
-    async def ctx(_app: web.Application):
-        task = asyncio.create_task(retain_forever())
-        yield
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-
-    return ctx
+    # Not on the store thread: the pass takes the writer in short turns, and the API's reads must not
+    # wait for all of it.
+    return _every(interval_s, lambda: asyncio.to_thread(delete_expired, store, retain_days), "store.retention_failed")
 
 
 def _sweeper(store: DuckDBStore, calls: StoreThread, interval_s: float, liveness: recovery.LivenessCheck | None):
-    async def sweep_forever() -> None:
+    return _every(interval_s, lambda: calls(lambda: recovery.sweep(store, utcnow(), liveness=liveness,
+                                                                 db_path=store.path)),
+                  "service.sweep_failed")
+
+
+def _every(interval_s: float, step: Callable[[], Awaitable[object]], failed_event: str):
+    """A background task for the app's lifetime: `step` now, then every `interval_s`."""
+    async def forever() -> None:
         while True:
             try:
-                await calls(lambda: recovery.sweep(store, utcnow(), liveness=liveness, db_path=store.path))
-            except Exception as exc:  # a failed sweep is retried next interval; say so, don't die
-                log.get().error("service.sweep_failed", error=f"{type(exc).__name__}: {exc}")
+                await step()
+            except Exception as exc:  # tried again next interval; say so, don't die
+                log.get().error(failed_event, error=f"{type(exc).__name__}: {exc}")
             await asyncio.sleep(interval_s)
 
     async def ctx(_app: web.Application):
-        task = asyncio.create_task(sweep_forever())
+        task = asyncio.create_task(forever())
         yield
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
