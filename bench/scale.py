@@ -6,7 +6,8 @@ the EvalRun CRD and the real controller as its own process (`evalrunner
 controller`, default intervals, its own client certificate), then a load
 generator that plays the runners: for each runner pod that kwok reports
 Running it reads what a runner gets (run id from the pod's annotation, store
-URL from its command, token from the EvalRun's Secret named in its env) and
+URL from its command, and a token the API server issues bound to the pod, for
+the audience of the pod's projected token volume, as a kubelet would) and
 talks to the controller's store API as the runner would (POST /runs, case
 batches, heartbeats, finish), through aiohttp with the store's own wire
 encoders. Then it annotates the pod and kwok ends it by the outcome its
@@ -42,8 +43,8 @@ What the load generator does not do as a runner would: it takes the case
 names from the EvalRuns it created instead of reading the suite ConfigMap,
 runs no case (each batch is written at once, `--case-pause` apart), and
 heartbeats only every 5 s of a run's life (runs here are shorter). Its own
-API calls (the pod and EvalRun watches, Secret reads, one pod annotation per
-runner) use the admin identity, so the audit count is the controller's alone.
+API calls (the pod and EvalRun watches, one TokenRequest and one pod annotation
+per runner) use the admin identity, so the audit count is the controller's alone.
 Everything shares this machine: the JSON records the CPU seconds of every
 component and how busy the machine was.
 
@@ -56,7 +57,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import json
 import math
 import os
@@ -368,7 +368,6 @@ class LoadGen:
         self.death_api: dict[str, float] = {}   # run id -> finishedAt / deletionTimestamp
         self.acked: dict[str, int] = Counter()  # run id -> case rows the store acknowledged
         self.played: dict[str, str] = {}        # run id -> how playing it ended ("ok" or an error)
-        self.tokens: dict[tuple[str, str], asyncio.Future] = {}
         self.tasks: set[asyncio.Task] = set()
         self.running_seen = 0
 
@@ -412,22 +411,23 @@ class LoadGen:
 
     # -------------------------------------------------------- one runner
 
-    async def token(self, namespace: str, secret: str) -> str:
-        key = (namespace, secret)
-        if key not in self.tokens:
-            fut = asyncio.get_running_loop().create_future()
-            self.tokens[key] = fut
-            try:
-                for _ in range(100):  # the controller creates the Secret before the Job; be patient anyway
-                    code, data = await self.kube.call("GET", f"/api/v1/namespaces/{namespace}/secrets/{secret}")
-                    if code == 200:
-                        break
-                    await asyncio.sleep(0.1)
-                fut.set_result(base64.b64decode(data["data"]["token"]).decode())
-            except Exception as exc:  # noqa: BLE001
-                fut.set_exception(exc)
-                del self.tokens[key]
-        return await self.tokens[key]
+    async def token(self, pod: dict) -> str:
+        """What the kubelet would project into the pod: a token bound to it, for the store's audience."""
+        meta, spec = pod["metadata"], pod["spec"]
+        projected = next(source["serviceAccountToken"] for volume in spec.get("volumes") or []
+                         for source in (volume.get("projected") or {}).get("sources") or []
+                         if "serviceAccountToken" in source)
+        account = spec.get("serviceAccountName") or "default"
+        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {
+            "audiences": [projected["audience"]], "expirationSeconds": projected.get("expirationSeconds", 3600),
+            "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": meta["name"], "uid": meta["uid"]}}}
+        for _ in range(100):  # the namespace's default ServiceAccount may be a moment behind
+            code, data = await self.kube.call(
+                "POST", f"/api/v1/namespaces/{meta['namespace']}/serviceaccounts/{account}/token", body)
+            if code == 201 or code == 200:
+                return data["status"]["token"]
+            await asyncio.sleep(0.1)
+        raise RuntimeError(f"no token for pod {meta['namespace']}/{meta['name']}: HTTP {code}: {str(data)[:200]}")
 
     async def call_store(self, base: str, token: str, endpoint: str, path: str, body: Any) -> Any:
         assert self.store is not None
@@ -459,11 +459,9 @@ class LoadGen:
         command = container.get("command", []) + container.get("args", [])
         base = command[command.index("--store-url") + 1]
         grace = float(command[command.index("--deadline-grace") + 1]) if "--deadline-grace" in command else 60.0
-        secret = next(e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"]
-                      if e["name"] == "EVALRUNNER_STORE_TOKEN")
         async with self.sem:
             try:
-                token = await self.token(meta["namespace"], secret)
+                token = await self.token(pod)
                 names = [f"c{i}" for i in range(self.cases)]
                 owner = Owner(kind="pod", namespace=meta["namespace"], pod=meta["name"], pod_uid=meta["uid"],
                               host=spec.get("nodeName"), pid=1)

@@ -111,7 +111,8 @@ def cmd_run_suite(args: argparse.Namespace) -> int:
         raise UsageError("run-suite needs --store-url (or EVALRUNNER_STORE_URL)")
     from .store.http_client import HttpStore
 
-    store = HttpStore(args.store_url, os.environ.get("EVALRUNNER_STORE_TOKEN"))
+    store = HttpStore(args.store_url, os.environ.get("EVALRUNNER_STORE_TOKEN"),
+                      token_file=os.environ.get("EVALRUNNER_STORE_TOKEN_FILE"))
     keep = summary.termination_message_writer(args.termination_log)
     options = RunOptions(
         owner=pod_from_env() or this_process(),
@@ -178,6 +179,7 @@ def cmd_controller(args: argparse.Namespace) -> int:
         scan_interval_s=args.scan_interval, sweep_interval_s=args.sweep_interval,
         heartbeat_lease_s=args.heartbeat_timeout, job_ttl_s=args.job_ttl if args.job_ttl >= 0 else None,
         api_timeout_s=args.api_timeout, runner_image=args.runner_image, retain_days=args.retain_days,
+        token_audience=args.token_audience,
     )
     try:
         return run_controller(options)
@@ -408,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("run-suite", cmd_run_suite, "run a suite in a Job pod, reporting to the store service")
     p.add_argument("suite", metavar="SUITE.yaml")
     p.add_argument("--store-url", default=os.environ.get("EVALRUNNER_STORE_URL"),
-                   help="store service URL (default $EVALRUNNER_STORE_URL); token from $EVALRUNNER_STORE_TOKEN")
+                   help="store service URL (default $EVALRUNNER_STORE_URL); token from the file $EVALRUNNER_STORE_TOKEN_FILE names, or $EVALRUNNER_STORE_TOKEN")
     p.add_argument("--run-id", help="the run id the controller chose for this attempt")
     p.add_argument("--resume", metavar="RUN_ID", help="carry over RUN_ID's completed cases")
     p.add_argument("--deadline-grace", type=float, default=DEADLINE_GRACE_S, metavar="S")
@@ -450,6 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
                                          "(the Helm chart passes it; default %(default)s)")
     p.add_argument("--api-timeout", type=float, default=API_REQUEST_TIMEOUT_S, metavar="S",
                    help="give up on a Kubernetes API request after this long (default %(default)s)")
+    p.add_argument("--token-audience", default="evalrunner-store", metavar="AUDIENCE",
+                   help="audience of the service-account tokens runner pods present to the store; give each "
+                        "controller its own, so one's runners cannot write to another (default %(default)s)")
     add_retention_flag(p)
 
     p = add("runs", cmd_runs, "list runs, newest first")

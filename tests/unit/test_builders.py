@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import copy
 import re
 from typing import Any
@@ -70,7 +69,7 @@ def env(job: dict[str, Any]) -> dict[str, Any]:
 
 def test_names_follow_the_fixed_pattern():
     names = b.object_names("nightly", "qa-smoke", 2)
-    assert names == b.Names(configmap="nightly-qa-smoke", secret="nightly-token", job="nightly-qa-smoke-2")
+    assert names == b.Names(configmap="nightly-qa-smoke", job="nightly-qa-smoke-2")
 
 
 def test_names_are_deterministic_short_and_dns_safe():
@@ -78,7 +77,7 @@ def test_names_are_deterministic_short_and_dns_safe():
     for run, suite, attempt in [("nightly", "qa", 1), (long_run, "s" * 40, 11), ("x" * 60, "y" * 40, 3)]:
         names = b.object_names(run, suite, attempt)
         assert names == b.object_names(run, suite, attempt)
-        for name in (names.configmap, names.secret, names.job):
+        for name in (names.configmap, names.job):
             assert len(name) <= 63, name
             assert DNS_SUBDOMAIN.match(name), name
             assert LABEL_VALUE.match(name), name
@@ -100,7 +99,7 @@ def test_run_id_is_a_function_of_uid_suite_and_attempt():
     assert b.run_id_for(UID.replace("0f", "1f"), "qa-smoke", 1) != b.run_id_for(UID, "qa-smoke", 1)
 
 
-# ---------------------------------------------------------------- ConfigMap and Secret
+# ---------------------------------------------------------------- ConfigMap
 
 
 def test_inline_suite_configmap_holds_a_loadable_suite_file():
@@ -121,21 +120,11 @@ def test_configmap_ref_suite_gets_no_configmap():
     assert b.build_suite_configmap(er, parsed(er), parsed(er).suite("big")) is None
 
 
-def test_token_secret():
-    er = evalrun()
-    secret = b.build_token_secret(er, "s3cret")
-    assert secret["metadata"]["name"] == "nightly-token"
-    assert secret["type"] == "Opaque"
-    assert base64.b64decode(secret["data"]["token"]).decode() == "s3cret"
-    assert secret["metadata"]["labels"][b.LABEL_EVALRUN] == "nightly"
-
-
-@pytest.mark.parametrize("kind", ["configmap", "secret", "job"])
+@pytest.mark.parametrize("kind", ["configmap", "job"])
 def test_every_child_is_controlled_by_the_evalrun(kind):
     er = evalrun()
     obj = {
         "configmap": lambda: b.build_suite_configmap(er, parsed(er), parsed(er).suite("qa-smoke")),
-        "secret": lambda: b.build_token_secret(er, "t"),
         "job": lambda: job_for(er),
     }[kind]()
     assert obj["metadata"]["ownerReferences"] == [
@@ -212,9 +201,21 @@ def test_retry_resumes_from_its_parent():
     assert command[command.index("--run-id") + 1] == "0f4c2a9e1b2c-qa-smoke-a2"
 
 
-def test_env_token_downward_api_and_log_format():
+def test_the_store_token_is_the_pods_own_projected_token_for_the_stores_audience():
+    job = job_for(evalrun(), token_audience="evalrunner-store.ops.er")
+    pod = job["spec"]["template"]["spec"]
+    volume = next(v for v in pod["volumes"] if v["name"] == b.TOKEN_VOLUME)
+    assert volume["projected"]["sources"] == [{"serviceAccountToken": {
+        "audience": "evalrunner-store.ops.er", "expirationSeconds": b.TOKEN_EXPIRATION_S, "path": b.TOKEN_FILE}}]
+    mount = next(m for m in container(job)["volumeMounts"] if m["name"] == b.TOKEN_VOLUME)
+    assert mount == {"name": b.TOKEN_VOLUME, "mountPath": b.TOKEN_MOUNT_PATH, "readOnly": True}
+    assert env(job)["EVALRUNNER_STORE_TOKEN_FILE"] == f"{b.TOKEN_MOUNT_PATH}/{b.TOKEN_FILE}"
+    assert "EVALRUNNER_STORE_TOKEN" not in env(job)
+    assert pod["automountServiceAccountToken"] is False, "the API server's own token stays out of the pod"
+
+
+def test_env_downward_api_and_log_format():
     values = env(job_for(evalrun()))
-    assert values["EVALRUNNER_STORE_TOKEN"] == {"secretKeyRef": {"name": "nightly-token", "key": "token"}}
     assert values["EVALRUNNER_POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     assert values["EVALRUNNER_POD_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
     assert values["EVALRUNNER_POD_UID"] == {"fieldRef": {"fieldPath": "metadata.uid"}}
@@ -311,7 +312,6 @@ def test_builders_do_not_touch_their_input():
     before = copy.deepcopy(er)
     job_for(er, attempt=3, parent="p")
     b.build_suite_configmap(er, parsed(er), parsed(er).suite("qa-smoke"))
-    b.build_token_secret(er, "t")
     assert er == before
 
 
@@ -360,7 +360,7 @@ def test_an_image_dataset_needs_no_mount():
     assert suite_file_of(er)["dataset"] == {"format": "jsonl", "input": "question", "expected": "answer",
                                             "path": "/opt/evalrunner/examples/suites/arithmetic.jsonl"}
     volumes, mounts = volumes_and_mounts(job_for(er, "qa"))
-    assert set(volumes) == set(mounts) == {"suite", "scratch"}
+    assert set(volumes) == set(mounts) == {"suite", "scratch", b.TOKEN_VOLUME}
 
 
 def test_a_dataset_suite_s_deadline_waits_for_its_size():

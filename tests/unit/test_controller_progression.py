@@ -1,11 +1,10 @@
 """EvalRun progression: admit, start, retry and the status, with a fake Kubernetes API, a real
 in-memory store and a fixed clock (tests/unit/controller_fakes.py). Each defect the churn exposed has
-its test here: a token without its Secret, refusals that outlived their EvalRun, Forbid and Replace
+its test here: a row of another scope under the EvalRun's run id, refusals that outlived their EvalRun, Forbid and Replace
 blind to Jobs whose runner had not opened a row, an attempt Pending forever, stale status fields."""
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 
 from controller_fakes import NAMESPACE, World, suite, terminated
@@ -47,16 +46,18 @@ def test_attempt_step_follows_the_job():
 # ---------------------------------------------------------------- starting
 
 
-def test_an_evalrun_gets_its_secret_configmap_and_job_and_a_status(world):
+def test_an_evalrun_gets_its_configmap_and_job_and_a_status_and_no_secret(world):
     evalrun = world.kube.add_evalrun("nightly", [suite("qa")])
     world.created(evalrun)
     job = world.job("nightly", "qa")
     assert job is not None and job["metadata"]["annotations"][builders.ANNOTATION_RUN_ID].endswith("-qa-a1")
     assert world.kube.get_job(NAMESPACE, "nightly-qa-1") is not None
     assert ("ConfigMap", NAMESPACE, "nightly-qa") in world.kube.objects
-    secret = world.kube.objects[("Secret", NAMESPACE, "nightly-token")]
-    token = base64.b64decode(secret["data"]["token"]).decode()
-    assert world.store.scope_for_token(token) == Scope.of(evalrun)
+    # The runner's credential is its pod's own projected token: nothing to create, leak or revoke.
+    assert not [key for key in world.kube.objects if key[0] == "Secret"]
+    volumes = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
+    projected = volumes[builders.TOKEN_VOLUME]["projected"]["sources"][0]["serviceAccountToken"]
+    assert projected["audience"] == builders.DEFAULT_TOKEN_AUDIENCE
     assert world.kube.status("nightly")["phase"] == "Pending"
     assert world.kube.reasons("nightly") == ["Started"]
 
@@ -68,37 +69,20 @@ def test_an_evalrun_gets_its_secret_configmap_and_job_and_a_status(world):
     assert world.kube.status("nightly")["phase"] == "Succeeded"
 
 
-def test_a_failed_secret_create_is_retried_and_no_job_starts_without_its_token(world):
-    """Item 4: the token was registered, the Secret create failed once, and no later reconcile made it."""
+def test_a_row_under_the_evalruns_run_id_but_another_scope_is_not_its_attempt(world):
+    """A row made under this EvalRun's next run id by someone else (another namespace's token, before
+    runs were bound to pods) was taken for the suite's attempt: the status showed the intruder's
+    results and no Job started."""
     evalrun = world.kube.add_evalrun("er", [suite("s")])
-    world.kube.fail_next("create", "Secret", status=503)
+    run_id = builders.run_id_for(evalrun["metadata"]["uid"], "s", 1)
+    intruder = Scope("other-team", "theirs", "uid-theirs")
+    world.store.start_run(RunRequest(suite="s", case_names=("c0",), timeout_seconds=5.0, run_id=run_id,
+                                     owner=Owner(kind="pod", namespace="other-team", pod="p", pod_uid="u"),
+                                     scope=intruder, admitted=True))
+    world.store.finish_run(run_id, RunStatus.COMPLETED, None, None, {})
     world.created(evalrun)
-    assert world.job("er", "s") is None, "a Job without its token Secret would sit in CreateContainerConfigError"
-    assert len(world.controller.queue) == 1, "the failed reconcile is marked again"
-
-    world.settle()
-    assert world.kube.objects.get(("Secret", NAMESPACE, "er-token")) is None, "retried before its backoff"
-    world.clock.advance(queue.BACKOFF_START_S)
-    world.settle()
-    secret = world.kube.objects.get(("Secret", NAMESPACE, "er-token"))
-    assert secret is not None, "a transient API error broke the EvalRun for good"
-    token = base64.b64decode(secret["data"]["token"]).decode()
-    assert world.store.scope_for_token(token) == Scope.of(evalrun)
-    assert world.job("er", "s") is not None
-
-
-def test_a_restarted_controller_keeps_the_existing_secret_and_revokes_its_spare_token(world):
-    evalrun = world.kube.add_evalrun("er", [suite("s"), suite("t")])
-    world.created(evalrun)
-    secret_token = base64.b64decode(world.kube.objects[("Secret", NAMESPACE, "er-token")]["data"]["token"]).decode()
-    # A new controller process on the same database (the store outlives it) and the same cluster.
-    restarted = World(world.clock, world.kube, world.store,
-                      type(world.controller)(world.store, world.kube, world.controller.settings, world.clock))
-    world.kube.objects.pop(("Job", NAMESPACE, "er-t-1"))  # so the new controller has a Job to create
-    restarted.created(world.kube.evalrun("er"))
-    assert world.job("er", "t") is not None
-    tokens = world.store._cur().execute("SELECT count(*) FROM api_tokens").fetchone()[0]
-    assert tokens == 1 and world.store.scope_for_token(secret_token) == Scope.of(evalrun)
+    assert world.job("er", "s") is not None, "the intruder's row stood in for the suite's attempt"
+    assert world.kube.status("er")["phase"] == "Pending"
 
 
 def test_a_failed_attempt_is_retried_and_resumes_it(world):

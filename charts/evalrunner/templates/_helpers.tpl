@@ -54,11 +54,13 @@ app.kubernetes.io/component: controller
   resources: ["configmaps"]
   verbs: ["get", "create"]                 # inline suites; get to adopt its own after a restart
 - apiGroups: [""]
-  resources: ["secrets"]
-  verbs: ["create"]                        # the EvalRun's store token; never read back
-- apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]                        # Events on EvalRuns
+{{- end -}}
+
+{{/* The audience of runner pods' store tokens: one per release, so a pod of one release cannot write to another's store. */}}
+{{- define "evalrunner.tokenAudience" -}}
+{{ .Values.controller.tokenAudience | default (printf "evalrunner-store.%s.%s" .Release.Namespace (include "evalrunner.fullname" .)) }}
 {{- end -}}
 
 {{/* The controller's image, which runner pods use too unless an EvalRun names one. */}}

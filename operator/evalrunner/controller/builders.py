@@ -1,4 +1,4 @@
-"""Pure builders of an EvalRun's child objects: suite ConfigMap, token Secret, Job.
+"""Pure builders of an EvalRun's child objects: suite ConfigMap and Job.
 
 Each function takes plain dicts (the EvalRun as the API server returns it)
 and models, and returns a plain manifest; none calls the API. Names are fixed
@@ -14,7 +14,6 @@ Two EvalRuns can still produce the same fixed name ("a-b" + suite "c" and
 
 from __future__ import annotations
 
-import base64
 import copy
 import hashlib
 import math
@@ -48,7 +47,13 @@ SUITE_MOUNT_PATH = "/etc/evalrunner/suite"
 SUITE_KEY = "suite.yaml"
 DATASET_VOLUME = "dataset"
 DATASET_MOUNT_PATH = "/etc/evalrunner/dataset"  # a ConfigMap's key, or the root of a claim
-TOKEN_KEY = "token"
+# The runner's store credential: a service-account token the kubelet requests bound to the pod, for
+# the store's audience alone, and rotates (at 80% of its life). It ends with the pod (pod_tokens.py).
+TOKEN_VOLUME = "store-token"
+TOKEN_MOUNT_PATH = "/var/run/secrets/evalrunner"
+TOKEN_FILE = "token"
+DEFAULT_TOKEN_AUDIENCE = "evalrunner-store"
+TOKEN_EXPIRATION_S = 3600
 # The API server refuses a ConfigMap whose values add up to more than 1 MiB.
 CONFIGMAP_MAX_BYTES = 1024 * 1024
 # readOnlyRootFilesystem leaves the runner no writable place; give it a scratch
@@ -77,7 +82,6 @@ class Names:
     """The fixed names of one suite attempt's objects."""
 
     configmap: str  # {evalrun}-{suite}: the inline suite's file
-    secret: str  # {evalrun}-token: the EvalRun's store token
     job: str  # {evalrun}-{suite}-{attempt}
 
 
@@ -100,10 +104,6 @@ def suite_configmap_name(evalrun_name: str, suite_name: str) -> str:
     return fit_name(evalrun_name, suite_name)
 
 
-def token_secret_name(evalrun_name: str) -> str:
-    return fit_name(evalrun_name, "token")
-
-
 def job_name(evalrun_name: str, suite_name: str, attempt: int) -> str:
     return fit_name(evalrun_name, suite_name, attempt)
 
@@ -111,7 +111,6 @@ def job_name(evalrun_name: str, suite_name: str, attempt: int) -> str:
 def object_names(evalrun_name: str, suite_name: str, attempt: int) -> Names:
     return Names(
         configmap=suite_configmap_name(evalrun_name, suite_name),
-        secret=token_secret_name(evalrun_name),
         job=job_name(evalrun_name, suite_name, attempt),
     )
 
@@ -223,19 +222,6 @@ def build_suite_configmap(evalrun: dict[str, Any], spec: EvalRunSpec, suite: Eva
     }
 
 
-def build_token_secret(evalrun: dict[str, Any], token: str) -> dict[str, Any]:
-    """The EvalRun's bearer token for the store service; its runners read it from env."""
-    name = evalrun["metadata"]["name"]
-    return {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": _metadata(evalrun, token_secret_name(name), object_labels(name)),
-        "type": "Opaque",
-        "immutable": True,  # a token never changes; a new EvalRun gets a new Secret
-        "data": {TOKEN_KEY: base64.b64encode(token.encode()).decode()},
-    }
-
-
 def _suite_source(evalrun: dict[str, Any], suite: EvalRunSuite) -> tuple[str, str]:
     """(ConfigMap name, key) of the suite file a Job mounts."""
     if suite.config_map_ref is not None:
@@ -283,18 +269,24 @@ def _user_env(spec: EvalRunSpec) -> list[dict[str, Any]]:
     return [var.model_dump(by_alias=True, exclude_none=True) for var in spec.env]
 
 
-def _runner_env(token_secret: str) -> list[dict[str, Any]]:
+def _runner_env() -> list[dict[str, Any]]:
     def field(path: str) -> dict[str, Any]:
         return {"fieldRef": {"fieldPath": path}}
 
     return [
-        {"name": "EVALRUNNER_STORE_TOKEN", "valueFrom": {"secretKeyRef": {"name": token_secret, "key": TOKEN_KEY}}},
+        {"name": "EVALRUNNER_STORE_TOKEN_FILE", "value": f"{TOKEN_MOUNT_PATH}/{TOKEN_FILE}"},
         {"name": "EVALRUNNER_POD_NAME", "valueFrom": field("metadata.name")},
         {"name": "EVALRUNNER_POD_NAMESPACE", "valueFrom": field("metadata.namespace")},
         {"name": "EVALRUNNER_POD_UID", "valueFrom": field("metadata.uid")},
         {"name": "EVALRUNNER_LOG_FORMAT", "value": "json"},
         {"name": "TMPDIR", "value": SCRATCH_PATH},
     ]
+
+
+def store_token_volume(audience: str) -> dict[str, Any]:
+    """The pod's store credential, projected by the kubelet (no Secret, nothing to revoke: it ends with the pod)."""
+    token = {"audience": audience, "expirationSeconds": TOKEN_EXPIRATION_S, "path": TOKEN_FILE}
+    return {"name": TOKEN_VOLUME, "projected": {"sources": [{"serviceAccountToken": token}]}}
 
 
 POD_SECURITY_CONTEXT: dict[str, Any] = {
@@ -324,6 +316,7 @@ def build_job(
     case_count: int | None = None,
     case_timeout_seconds: float | None = None,
     default_image: str = DEFAULT_RUNNER_IMAGE,
+    token_audience: str = DEFAULT_TOKEN_AUDIENCE,
 ) -> dict[str, Any]:
     """The Job of one suite attempt, in the EvalRun's image or else `default_image` (the controller's own).
 
@@ -355,10 +348,11 @@ def build_job(
         "command": runner_command(
             f"{SUITE_MOUNT_PATH}/{key}", store_url, run_id, attempt, parent_run_id, spec.deadline_grace_seconds
         ),
-        "env": _user_env(spec) + _runner_env(names.secret),
+        "env": _user_env(spec) + _runner_env(),
         "volumeMounts": [
             {"name": SUITE_VOLUME, "mountPath": SUITE_MOUNT_PATH, "readOnly": True},
             {"name": SCRATCH_VOLUME, "mountPath": SCRATCH_PATH},
+            {"name": TOKEN_VOLUME, "mountPath": TOKEN_MOUNT_PATH, "readOnly": True},
         ],
         # The runner writes its RunSummary here; the controller completes a row
         # from it when the runner's final write to the store failed.
@@ -378,6 +372,7 @@ def build_job(
         "volumes": [
             {"name": SUITE_VOLUME, "configMap": _suite_volume_source(suite, configmap, key)},
             {"name": SCRATCH_VOLUME, "emptyDir": {}},
+            store_token_volume(token_audience),
         ],
     }
     if dataset is not None and dataset.volume is not None:

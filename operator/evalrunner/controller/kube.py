@@ -57,6 +57,7 @@ class Kube:
         self.core = client.CoreV1Api(api_client)
         self.batch = client.BatchV1Api(api_client)
         self.custom = client.CustomObjectsApi(api_client)
+        self.authn = client.AuthenticationV1Api(api_client)
 
     def _plain(self, obj: Any) -> dict[str, Any]:
         return self.api_client.sanitize_for_serialization(obj)
@@ -149,6 +150,11 @@ class Kube:
         return self._read(
             lambda n, ns: self.custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, n), name, namespace
         )
+
+    def review_token(self, token: str, audiences: list[str]) -> dict[str, Any]:
+        """The API server's TokenReview of `token` for `audiences`: its `status` (authenticated, user, error)."""
+        review = client.V1TokenReview(spec=client.V1TokenReviewSpec(token=token, audiences=audiences))
+        return self._plain(self.authn.create_token_review(review)).get("status") or {}
 
     def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         try:

@@ -39,6 +39,7 @@ from .announcer import Announcer
 from .index import NODE, POD, ClusterIndex, IndexedKube
 from .informer import Informer
 from .kube import Kube
+from .pod_tokens import DEFAULT_AUDIENCE, PodTokens
 from .wiring import Controller, ControllerSettings
 
 
@@ -58,6 +59,7 @@ class ControllerOptions:
     api_timeout_s: float = API_REQUEST_TIMEOUT_S
     runner_image: str = DEFAULT_RUNNER_IMAGE
     retain_days: float = 0  # 0 keeps every closed run
+    token_audience: str = DEFAULT_AUDIENCE  # of runner pods' service-account tokens; one per release
 
 
 SERVICE_ACCOUNT_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
@@ -105,6 +107,7 @@ def run_controller(options: ControllerOptions) -> int:
             heartbeat_lease_s=options.heartbeat_lease_s,
             job_ttl_s=options.job_ttl_s,
             runner_image=options.runner_image,
+            token_audience=options.token_audience,
         )
         index = ClusterIndex()
         health = Health(details=lambda: {"index": index.counts(), "index_synced": index.synced()})
@@ -140,8 +143,9 @@ def _event_handler(controller: Controller, kind: str, health: Health):
 async def _serve(options: ControllerOptions, store: DuckDBStore, controller: Controller, health: Health,
                  informers: list[Informer]) -> None:
     local_token = local_server.new_token()  # this host's CLI works through the controller (local_server.py)
+    pod_tokens = PodTokens(controller.kube, options.token_audience, options.namespaces)
     app = build_app(store, admin_token=options.admin_token, health=health.report, on_change=controller.on_run_changed,
-                    local_token=local_token, retain_days=options.retain_days)
+                    local_token=local_token, retain_days=options.retain_days, pod_tokens=pod_tokens.caller)
     runner = web.AppRunner(app)
     await runner.setup()
     await web.TCPSite(runner, options.host, options.port).start()

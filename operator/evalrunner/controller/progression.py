@@ -20,7 +20,6 @@ from .. import admission, log, recovery
 from ..models import MAX_RETRIES, Cause, EvalRunSpec, EvalRunSuite
 from ..owner import Owner
 from ..scope import Scope, lock_domain
-from ..service.auth import new_token
 from ..store.duckdb_store import DuckDBStore, utcnow
 from ..store.records import RunRow
 from . import builders, status
@@ -99,6 +98,7 @@ class LiveAttempt:
 class ProgressionSettings:
     store_url_for_pods: str
     runner_image: str = builders.DEFAULT_RUNNER_IMAGE  # for EvalRuns that name none
+    token_audience: str = builders.DEFAULT_TOKEN_AUDIENCE  # of the store token projected into runner pods
 
 
 class Progression:
@@ -112,7 +112,6 @@ class Progression:
         self.settings = settings
         self.clock = clock
         self._refusals: dict[tuple[Scope, str], str] = {}  # (EvalRun, suite) -> why its policy refused it
-        self._token_secrets: set[Scope] = set()  # EvalRuns whose token Secret is known to exist
         self.log = log.get(component="controller")
 
     def reconcile(self, namespace: str, name: str) -> None:
@@ -145,7 +144,6 @@ class Progression:
     def forget(self, scope: Scope) -> None:
         """The EvalRun is deleted: drop what was remembered of it (a new one of the same name is another EvalRun)."""
         self._refusals = {key: why for key, why in self._refusals.items() if key[0] != scope}
-        self._token_secrets.discard(scope)
 
     # ------------------------------------------------------------ reading the world
 
@@ -162,9 +160,13 @@ class Progression:
             return None
 
     def _latest_row(self, scope: Scope, suite: str) -> RunRow | None:
-        """The suite's latest attempt that has a row (by the run ids the controller assigns)."""
+        """The suite's latest attempt that has a row (by the run ids the controller assigns).
+
+        Only a row of this EvalRun's scope counts: a row of the same id under another
+        scope is not this suite's attempt, whoever made it.
+        """
         ids = [builders.run_id_for(scope.uid, suite, n) for n in range(1, MAX_RETRIES + 2)]
-        return self.store.latest_attempt(ids)
+        return self.store.latest_attempt(ids, scope)
 
     def _refusal(self, evalrun: dict[str, Any], scope: Scope, suite: str) -> str | None:
         """Why the suite's concurrency policy refused it, remembered or read back from this EvalRun's status."""
@@ -186,14 +188,14 @@ class Progression:
             return
         if attempt.number == 1 and not self._admit(evalrun, spec, suite):
             return
-        self._ensure_token_secret(evalrun)
         if configmap is not None:
             self.kube.create_owned(configmap, evalrun)
         job = builders.build_job(evalrun, suite, attempt.number, attempt.parent_run_id,
                                  self.settings.store_url_for_pods, spec,
                                  case_count=len(suite.cases) if suite.cases else None,
                                  case_timeout_seconds=suite.timeout_seconds or 30.0,
-                                 default_image=self.settings.runner_image)
+                                 default_image=self.settings.runner_image,
+                                 token_audience=self.settings.token_audience)
         _, created = self.kube.create_owned(job, evalrun)
         if not created:
             return
@@ -204,26 +206,6 @@ class Progression:
         else:
             self.kube.post_event(evalrun, "Normal", "Started",
                                  f"suite {suite.name}: Job {job['metadata']['name']} created for run {run_id}")
-
-    def _ensure_token_secret(self, evalrun: dict[str, Any]) -> None:
-        """Hand the EvalRun's runners a token in a Secret, registered with the store first.
-
-        Registered first, so every token that ever reached a Secret is known to
-        the store and the controller never reads a Secret back (its RBAC has no
-        `get` on Secrets). A new token is made on each try: if the Secret
-        already exists (a 409), it holds a token registered earlier, and the
-        new one is revoked; if the create failed, the next reconcile tries
-        again, so a transient API error never leaves runners without a token.
-        """
-        scope = Scope.of(evalrun)
-        if scope in self._token_secrets:
-            return
-        token = new_token()
-        self.store.register_token(scope, token)
-        _, created = self.kube.create_owned(builders.build_token_secret(evalrun, token), evalrun, adopt_blindly=True)
-        if not created:
-            self.store.revoke_token(token)
-        self._token_secrets.add(scope)
 
     def _close_lost(self, evalrun: dict[str, Any], suite: EvalRunSuite, step: CloseLost) -> None:
         """A finished Job with no row: its pod tells how it died; with no pod left, the Job does."""

@@ -22,7 +22,7 @@ from .. import log
 from ..scope import Scope
 from ..store.duckdb_store import DuckDBStore, utcnow
 from ..timing import HEARTBEAT_LEASE_S, JOB_TTL_S, SCAN_INTERVAL_S, SWEEP_INTERVAL_S
-from .builders import DEFAULT_RUNNER_IMAGE
+from .builders import DEFAULT_RUNNER_IMAGE, DEFAULT_TOKEN_AUDIENCE
 from .children import RunnerJob
 from .deaths import Announce, Deaths
 from .index import ClusterIndex, IndexedKube
@@ -42,6 +42,7 @@ class ControllerSettings:
     heartbeat_lease_s: float = HEARTBEAT_LEASE_S
     job_ttl_s: float | None = JOB_TTL_S  # finished Jobs whose rows are closed are deleted after this; None: kept
     runner_image: str = DEFAULT_RUNNER_IMAGE  # runner pods of EvalRuns that name no image
+    token_audience: str = DEFAULT_TOKEN_AUDIENCE  # of the store tokens projected into runner pods
 
 
 class Controller:
@@ -57,7 +58,8 @@ class Controller:
         self.sweeper = Sweeper(store, self.kube, self.deaths, self.queue,
                                SweepSettings(settings.namespaces, settings.heartbeat_lease_s), clock)
         self.progression = Progression(store, self.kube, self.deaths, self.sweeper, self.queue,
-                                       ProgressionSettings(settings.store_url_for_pods, settings.runner_image), clock)
+                                       ProgressionSettings(settings.store_url_for_pods, settings.runner_image,
+                                                           settings.token_audience), clock)
         self.janitor = Janitor(store, self.kube, settings.job_ttl_s, clock)
         self.log = log.get(component="controller")
 

@@ -27,6 +27,8 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from .auth import same_secret
+
 COOKIE = "evalrunner_admin"
 COOKIE_PATH = "/evals"
 SESSION_TTL_S = 8 * 3600.0
@@ -55,7 +57,7 @@ class AdminSessions:
     def token_matches(self, candidate: str) -> bool:
         if not self.admin_token or not candidate:
             return False
-        return hmac.compare_digest(candidate.encode(), self.admin_token.encode())
+        return same_secret(candidate, self.admin_token)
 
     def issue(self, now: float | None = None) -> tuple[str, Session]:
         nonce = secrets.token_urlsafe(18)
@@ -71,7 +73,7 @@ class AdminSessions:
         if len(parts) != 3:
             return None
         expires_text, nonce, signature = parts
-        if not hmac.compare_digest(signature, self._sign("session", f"{expires_text}.{nonce}")):
+        if not same_secret(signature, self._sign("session", f"{expires_text}.{nonce}")):
             return None
         try:
             expires = int(expires_text)
@@ -85,7 +87,7 @@ class AdminSessions:
         self._ended.add(session.nonce)
 
     def csrf_ok(self, session: Session, submitted: str | None) -> bool:
-        return bool(submitted) and hmac.compare_digest(submitted.encode(), session.csrf_token.encode())  # type: ignore[union-attr]
+        return bool(submitted) and same_secret(submitted, session.csrf_token)  # type: ignore[arg-type]
 
     def _csrf(self, nonce: str) -> str:
         return self._sign("csrf", nonce)

@@ -22,10 +22,12 @@ from .. import admission
 from ..models import RunStatus
 from ..store import wire
 from ..store.duckdb_store import RunIdTaken
-from ..store.records import RunRow
-from .auth import Caller, bearer_token
+from ..owner import Owner
+from ..store.records import RunRequest, RunRow
+from ..scope import Scope
+from .auth import Caller, TokenRefused, bearer_token, is_service_account_token
 from ..store.thread import StoreThread
-from .context import CALLS, INGEST, ON_CHANGE, RUN_SCOPES, STORE, TOKENS, http_error, json_error
+from .context import CALLS, INGEST, ON_CHANGE, POD_TOKENS, RUN_SCOPES, STORE, TOKENS, http_error, json_error
 from .ingest import Busy
 
 MAX_EVENTS_PER_BATCH = 10_000
@@ -48,13 +50,20 @@ def _ctx(request: web.Request) -> tuple[Any, StoreThread]:
 
 
 async def _caller(request: web.Request) -> Caller:
-    tokens = request.app[TOKENS]
     token = bearer_token(request.headers.get("Authorization"))
-    caller = None
-    if token is not None:
-        caller = tokens.cached(token) or await request.app[CALLS](tokens.look_up, token)
+    if token is None:
+        raise http_error(web.HTTPUnauthorized, "missing bearer token (Authorization: Bearer <token>)")
+    tokens, pod_tokens = request.app[TOKENS], request.app[POD_TOKENS]
+    caller = tokens.cached(token)
+    if caller is None and pod_tokens is not None and is_service_account_token(token):
+        try:  # a TokenReview, maybe: never on the event loop, never on the store's thread
+            caller = await asyncio.to_thread(pod_tokens, token)
+        except TokenRefused as exc:
+            raise http_error(web.HTTPUnauthorized, f"token refused: {exc}") from None
+    elif caller is None:
+        caller = await request.app[CALLS](tokens.look_up, token)
     if caller is None:
-        raise http_error(web.HTTPUnauthorized, "missing or unknown bearer token (Authorization: Bearer <token>)")
+        raise http_error(web.HTTPUnauthorized, "unknown bearer token (Authorization: Bearer <token>)")
     return caller
 
 
@@ -65,9 +74,8 @@ async def _body(request: web.Request) -> Any:
         raise http_error(web.HTTPBadRequest, "request body is not valid JSON") from None
 
 
-async def _owned_run_id(request: web.Request, caller: Caller) -> str:
-    """The run id of the path, once the caller may touch that run (its scope, cached: it never changes)."""
-    run_id = request.match_info["run_id"]
+async def _run_scope(request: web.Request, run_id: str) -> Scope | None:
+    """The scope of a run that exists (cached: it never changes); 404 for a run that does not."""
     scopes = request.app[RUN_SCOPES]
     known, scope = scopes.get(run_id)
     if not known:
@@ -77,13 +85,28 @@ async def _owned_run_id(request: web.Request, caller: Caller) -> str:
             raise http_error(web.HTTPNotFound, f"no run {run_id}")
         scopes.remember(run_id, run.scope)
         scope = run.scope
-    if not caller.may_write(scope):
+    return scope
+
+
+async def _readable_run_id(request: web.Request, caller: Caller) -> str:
+    """The run id of the path, once the caller may read that run (a run of its own EvalRun)."""
+    run_id = request.match_info["run_id"]
+    if not caller.may_read(await _run_scope(request, run_id)):
         raise http_error(web.HTTPForbidden, f"this token may not access run {run_id} (it belongs to another EvalRun)")
     return run_id
 
 
-async def _owned_run(request: web.Request, caller: Caller) -> RunRow:
-    run_id = await _owned_run_id(request, caller)
+async def _owned_run_id(request: web.Request, caller: Caller) -> str:
+    """The run id of the path, once the caller may write that run: a runner pod, its own run only."""
+    run_id = request.match_info["run_id"]
+    if not caller.may_write(run_id, await _run_scope(request, run_id)):
+        whose = "another pod's run" if caller.grant is not None else "another EvalRun"
+        raise http_error(web.HTTPForbidden, f"this token may not write run {run_id} (it belongs to {whose})")
+    return run_id
+
+
+async def _owned_run(request: web.Request, caller: Caller, write: bool = True) -> RunRow:
+    run_id = await (_owned_run_id if write else _readable_run_id)(request, caller)
     store, calls = _ctx(request)
     run = await calls(store.get_run, run_id)
     if run is None:  # deleted by retention since its scope was cached
@@ -104,17 +127,15 @@ async def start_run(request: web.Request) -> web.Response:
     except wire.WireError as exc:
         raise http_error(web.HTTPBadRequest, f"POST /runs: {exc}") from None
     if not caller.is_admin:
-        if req.scope not in (None, caller.scope):
-            raise http_error(web.HTTPForbidden, "this token may not open runs for another EvalRun")
-        # An EvalRun's token belongs to a pod of a Job the controller created after applying the
-        # suite's lock policy; the policy the pod names is recorded, never decided again here.
-        req = dataclasses.replace(req, scope=caller.scope, admitted=True)
-    if req.parent_run_id:
-        store, calls = _ctx(request)
-        parent = await calls(store.get_run, req.parent_run_id)
-        if parent is not None and not caller.may_write(parent.scope):
-            raise http_error(web.HTTPForbidden, f"this token may not resume run {req.parent_run_id}")
+        try:
+            req = runner_start(req, caller)
+        except StartRefused as exc:
+            raise http_error(web.HTTPForbidden, str(exc)) from None
     store, calls = _ctx(request)
+    if req.parent_run_id and not caller.is_admin:  # a resume copies the parent's results: they must be its own
+        parent = await calls(store.get_run, req.parent_run_id)
+        if parent is not None and not caller.may_read(parent.scope):
+            raise http_error(web.HTTPForbidden, f"this token may not resume run {req.parent_run_id}")
     try:
         adm = await calls(store.start_run, req)
     except admission.RunRefused as exc:
@@ -129,8 +150,36 @@ async def start_run(request: web.Request) -> web.Response:
     return web.json_response(wire.admission_to_json(adm), status=201)
 
 
+class StartRefused(Exception):
+    """A start a token may not make."""
+
+
+def runner_start(req: RunRequest, caller: Caller) -> RunRequest:
+    """What a non-admin caller's start becomes: its own scope, its own run id, never a lock decision.
+
+    A runner pod opens exactly the run the controller assigned to it, resuming
+    exactly the run the controller named, as itself. The suite's lock policy
+    was applied by the controller before it made the Job (`admitted`): the
+    policy the pod names is recorded, never decided again here, so no pod can
+    Replace anyone's run. A token of the store's table (tests, benchmarks; the
+    product issues none) opens runs of its scope under ids it picks.
+    """
+    if req.scope not in (None, caller.scope):
+        raise StartRefused("this token may not open runs for another EvalRun")
+    grant = caller.grant
+    if grant is None:
+        return dataclasses.replace(req, scope=caller.scope, admitted=True)
+    if req.run_id not in (None, grant.run_id):
+        raise StartRefused(f"run_id: this pod may open only its own run {grant.run_id}, not {req.run_id}")
+    if req.parent_run_id != grant.parent_run_id:
+        raise StartRefused(f"parent_run_id: this pod resumes {grant.parent_run_id or 'no run'}, "
+                           f"not {req.parent_run_id or 'no run'}")
+    owner = Owner(kind="pod", namespace=grant.namespace, pod=grant.pod, pod_uid=grant.pod_uid)
+    return dataclasses.replace(req, run_id=grant.run_id, scope=caller.scope, owner=owner, admitted=True)
+
+
 async def get_run(request: web.Request) -> web.Response:
-    run = await _owned_run(request, await _caller(request))
+    run = await _owned_run(request, await _caller(request), write=False)
     return web.json_response(wire.run_row_to_json(run))
 
 
@@ -146,12 +195,12 @@ async def list_runs(request: web.Request) -> web.Response:
     if status not in (None, "running", "completed", "failed"):
         raise http_error(web.HTTPBadRequest, f"status: must be running, completed or failed, not {status!r}")
     runs = await calls(store.list_runs, status, request.query.get("suite"), limit if caller.is_admin else 500)
-    visible = [r for r in runs if caller.may_write(r.scope)][:limit]
+    visible = [r for r in runs if caller.may_read(r.scope)][:limit]
     return web.json_response({"runs": [wire.run_row_to_json(r) for r in visible]})
 
 
 async def list_cases(request: web.Request) -> web.Response:
-    run_id = await _owned_run_id(request, await _caller(request))
+    run_id = await _readable_run_id(request, await _caller(request))
     store, calls = _ctx(request)
     cases = await calls(store.cases, run_id)
     return web.json_response({"cases": [
@@ -160,7 +209,7 @@ async def list_cases(request: web.Request) -> web.Response:
 
 
 async def completed_cases(request: web.Request) -> web.Response:
-    run_id = await _owned_run_id(request, await _caller(request))
+    run_id = await _readable_run_id(request, await _caller(request))
     store, calls = _ctx(request)
     return web.json_response({"names": await calls(store.completed_case_names, run_id)})
 

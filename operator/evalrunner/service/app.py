@@ -27,10 +27,10 @@ from .. import log, recovery
 from ..store.duckdb_store import DuckDBStore, utcnow
 from . import api, local_cli, metrics, page
 from .admin_session import AdminSessions
-from .auth import RunScopes, TokenCheck
+from .auth import PodTokenCheck, RunScopes, TokenCheck
 from ..store.thread import StoreThread
 from ..timing import HEARTBEAT_LEASE_S
-from .context import CALLS, HEALTH, INGEST, ON_CHANGE, RUN_SCOPES, STARTED, STORE, TOKENS, json_error
+from .context import CALLS, HEALTH, INGEST, ON_CHANGE, POD_TOKENS, RUN_SCOPES, STARTED, STORE, TOKENS, json_error
 from .ingest import MAX_PENDING_EVENTS, Ingest
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
@@ -67,6 +67,7 @@ def build_app(
     max_pending_events: int = MAX_PENDING_EVENTS,
     retain_days: float = 0,
     local_token: str | None = None,
+    pod_tokens: PodTokenCheck | None = None,
 ) -> web.Application:
     """The service app. With `sweep_interval_s`, orphans are swept in the background too.
 
@@ -75,6 +76,7 @@ def build_app(
     terminate action (through a login); without it the page is read-only.
     `heartbeat_timeout_s` is the lease the page and /metrics judge stuck runs by.
     `local_token` (the one in `<db>.server.json`) lets this host's user run CLI commands through it.
+    `pod_tokens` (the controller's) turns a runner pod's service-account token into its one run.
     `max_pending_events` bounds the case events waiting for the writer (past it: 503).
     `retain_days` > 0 deletes closed runs that ended longer ago (0 keeps everything).
     """
@@ -85,6 +87,7 @@ def build_app(
     app[TOKENS] = TokenCheck(store.scope_for_token, admin_token, local_token,
                              revocations=lambda: store.tokens_revoked)
     app[RUN_SCOPES] = RunScopes()
+    app[POD_TOKENS] = pod_tokens
     ingest = Ingest(store, max_pending_events=max_pending_events)
     app[INGEST] = ingest
     app[STARTED] = time.time()

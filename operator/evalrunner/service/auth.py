@@ -1,8 +1,13 @@
-"""Bearer tokens for the store service.
+"""Bearer tokens for the store service, and what each lets its caller do.
 
-Each EvalRun gets its own token (a Secret the controller creates); the token
-maps to the EvalRun's scope and may write only runs of that scope. An admin
-token (the controller's and the CLI's) may read and write everything.
+Three kinds of caller:
+- the admin (the controller's, the CLI's and the page's token): everything;
+- a runner pod, by its pod-bound service-account token (`controller/pod_tokens.py`
+  turns it into a `RunnerGrant`): it writes exactly the one run the controller
+  assigned to that pod, and reads the runs of its own EvalRun (the run it resumes);
+- a token registered in the store's token table for a scope (`register_token`):
+  reads and writes the runs of that scope. The controller no longer issues
+  these; tests and the ingest benchmark use them to drive the API without a cluster.
 """
 
 from __future__ import annotations
@@ -22,15 +27,40 @@ def new_token() -> str:
 
 
 @dataclass(frozen=True)
+class RunnerGrant:
+    """What a runner pod's token proves: the one run the controller assigned to that pod."""
+
+    run_id: str
+    parent_run_id: str | None
+    suite: str | None
+    namespace: str
+    pod: str
+    pod_uid: str
+
+
+@dataclass(frozen=True)
 class Caller:
     scope: Scope | None  # None for the admin
     is_admin: bool = False
+    grant: RunnerGrant | None = None  # a runner pod: writes this run only
 
-    def may_write(self, run_scope: Scope | None) -> bool:
+    def may_read(self, run_scope: Scope | None) -> bool:
         return self.is_admin or (run_scope is not None and run_scope == self.scope)
+
+    def may_write(self, run_id: str, run_scope: Scope | None) -> bool:
+        if not self.may_read(run_scope):
+            return False
+        return self.grant is None or run_id == self.grant.run_id
 
 
 ADMIN = Caller(None, is_admin=True)
+
+
+class TokenRefused(Exception):
+    """A token that authenticates no caller; the message says why (it is safe to show to the caller)."""
+
+
+PodTokenCheck = Callable[[str], Caller]  # a runner pod's token -> its caller, or TokenRefused (may call the API)
 
 
 # A token found in the table is trusted this long before it is looked up again. Revocations by this
@@ -44,6 +74,16 @@ def bearer_token(header: str | None) -> str | None:
     if not header or not header.startswith("Bearer "):
         return None
     return header[len("Bearer "):].strip() or None
+
+
+def is_service_account_token(token: str) -> bool:
+    """A JWT (three dot-separated parts), as the API server issues; table tokens have no dots."""
+    return token.count(".") == 2
+
+
+def same_secret(given: str, expected: str) -> bool:
+    """Constant-time, on bytes: `compare_digest` refuses non-ASCII text (a 500 instead of a 401)."""
+    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode("utf-8", "surrogateescape"))
 
 
 class TokenCheck:
@@ -68,8 +108,7 @@ class TokenCheck:
 
     def cached(self, token: str) -> Caller | None:
         """The caller without a store lookup: the admin, or a token looked up less than the TTL ago."""
-        given = token.encode("utf-8", "surrogateescape")  # bytes: compare_digest refuses non-ASCII text
-        if any(hmac.compare_digest(given, admin.encode()) for admin in self._admin):
+        if any(same_secret(token, admin) for admin in self._admin):
             return ADMIN
         revocations = self._revocations()
         if revocations != self._seen_revocations:

@@ -20,6 +20,7 @@ INGEST = web.AppKey("ingest", Ingest)  # case batches and heartbeats: bounded, c
 STARTED = web.AppKey("started", float)
 HEALTH = web.AppKey("health", object)
 ON_CHANGE = web.AppKey("on_change", object)  # called with a run's scope when it starts or finishes
+POD_TOKENS = web.AppKey("pod_tokens", object)  # auth.PodTokenCheck, or None where no cluster reviews tokens
 
 
 def dumps(data: Any) -> str:

@@ -17,7 +17,6 @@ sys.stdout, which the server itself never writes to.
 from __future__ import annotations
 
 import contextlib
-import hmac
 import io
 import threading
 from typing import Any
@@ -26,7 +25,7 @@ from aiohttp import web
 
 from ..store import wire
 from ..store.duckdb_store import DuckDBStore
-from .auth import bearer_token
+from .auth import bearer_token, same_secret
 from .context import CALLS, STORE, http_error
 
 ACCEPTED = frozenset({"runs", "show", "recover", "verify", "sweep", "compare"})
@@ -36,7 +35,7 @@ _ONE_AT_A_TIME = threading.Lock()
 def add_routes(app: web.Application, token: str) -> None:
     async def handler(request: web.Request) -> web.Response:
         given = bearer_token(request.headers.get("Authorization"))
-        if given is None or not hmac.compare_digest(given.encode(), token.encode()):
+        if given is None or not same_secret(given, token):
             raise http_error(web.HTTPUnauthorized, "this call needs the token in the server's record beside the "
                                                    "database (<db>.server.json), readable by its user only")
         try:

@@ -850,10 +850,15 @@ class DuckDBStore:
     def running_runs(self) -> list[RunRow]:
         return self._select_runs(self._cur(), "WHERE status = 'running' ORDER BY created_at", [])
 
-    def latest_attempt(self, run_ids: Sequence[str]) -> RunRow | None:
-        """Of the runs with these ids (the attempts of one suite), the one with the highest attempt."""
-        rows = self._select_runs(self._cur(), "WHERE list_contains(?, id) ORDER BY attempt DESC LIMIT 1",
-                                 [list(run_ids)])
+    def latest_attempt(self, run_ids: Sequence[str], scope: Scope | None = None) -> RunRow | None:
+        """Of the runs with these ids (the attempts of one suite), the one with the highest attempt.
+
+        With `scope`, only runs of that scope: a row under another scope is not one of these attempts.
+        """
+        where, params = "WHERE list_contains(?, id)", [list(run_ids)]
+        if scope is not None:
+            where, params = where + " AND scope = ?", [*params, _scope_text(scope)]
+        rows = self._select_runs(self._cur(), f"{where} ORDER BY attempt DESC LIMIT 1", params)
         return rows[0] if rows else None
 
     def get_run(self, run_id: str) -> RunRow | None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 import urllib.error
 import urllib.request
@@ -51,13 +52,35 @@ class _RetryableReply(retry.Retryable):
         self.status = status
 
 
+class TokenFile:
+    """A bearer token kept in a file that may be replaced (the kubelet swaps a symlink): read on change."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._seen: tuple[float, int] | None = None
+        self._token = ""
+
+    def read(self) -> str:
+        try:
+            st = os.stat(self.path)
+            if (st.st_mtime, st.st_ino) != self._seen:
+                with open(self.path, encoding="utf-8") as f:
+                    self._token = f.read().strip()
+                self._seen = (st.st_mtime, st.st_ino)
+        except OSError as exc:
+            raise StoreServiceError(f"cannot read the store token file {self.path}: {exc}") from None
+        return self._token
+
+
 class HttpStore:
     def __init__(self, base_url: str, token: str | None, timeout_s: float = 10.0, retry_for_s: float = 20.0,
                  faults: Faults | None = None, backoff: retry.Backoff = BACKOFF,
-                 sleep: Callable[[float], None] = time.sleep):
+                 sleep: Callable[[float], None] = time.sleep, token_file: str | None = None):
         self.base_url = base_url.rstrip("/")
         self.path = self.base_url  # for messages; there is no local file
         self.token = token
+        # A runner pod's token is a file the kubelet rotates: read it again whenever it changed.
+        self._token_file = TokenFile(token_file) if token_file else None
         self.timeout_s = timeout_s
         self.retry_for_s = retry_for_s
         # The runner's own writes fail here under EVALRUNNER_FAULTS, as DuckDBStore's do locally
@@ -187,8 +210,9 @@ class HttpStore:
     def _attempt(self, method: str, path: str, payload: bytes | None) -> Any:
         req = urllib.request.Request(f"{self.base_url}{wire.API_PREFIX}{path}", data=payload, method=method)
         req.add_header("Content-Type", "application/json")
-        if self.token:
-            req.add_header("Authorization", f"Bearer {self.token}")
+        token = self._token_file.read() if self._token_file else self.token
+        if token:
+            req.add_header("Authorization", f"Bearer {token}")
         try:
             with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
                 return json.loads(resp.read() or b"null")
