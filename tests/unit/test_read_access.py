@@ -7,6 +7,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 
 import pytest
 
+from evalrunner.cli import build_parser
 from evalrunner.faults import Faults
 from evalrunner.models import RunStatus
 from evalrunner.service.read_access import READ_COOKIE, guarded
@@ -209,3 +210,11 @@ def test_which_paths_are_guarded():
                  "/evals/static/page.css", "/evalsx", "/metrics/x"):
         assert not guarded(path), path
 
+
+
+def test_serve_and_controller_take_the_read_token_and_secure_cookie_flags():
+    for command in ("serve", "controller"):
+        args = build_parser().parse_args([command])
+        assert args.read_token_env == "EVALRUNNER_READ_TOKEN" and args.secure_cookies is None
+        args = build_parser().parse_args([command, "--read-token-env", "MY_READ", "--secure-cookies"])
+        assert args.read_token_env == "MY_READ" and args.secure_cookies is True
