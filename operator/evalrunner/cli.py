@@ -140,7 +140,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         admin = os.environ.get(args.admin_token_env)
         local_token = local_server.new_token()
         app = build_app(store, admin_token=admin, sweep_interval_s=args.sweep_interval, retain_days=args.retain_days,
-                        local_token=local_token)
+                        local_token=local_token, read_token=os.environ.get(args.read_token_env),
+                        secure_cookies=args.secure_cookies)
         asyncio.run(_serve(app, args, store, admin, local_token))
     return EXIT_OK
 
@@ -161,7 +162,9 @@ async def _serve(app: Any, args: argparse.Namespace, store: DuckDBStore, admin: 
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     log.get().info("service.listening", url=f"http://{args.host}:{port}", db=store.path,
                    page=f"{record.url}/evals", cli=f"commands on {store.path} work through it",
-                   terminate="enabled" if admin else f"disabled (set ${args.admin_token_env} to enable)")
+                   terminate="enabled" if admin else f"disabled (set ${args.admin_token_env} to enable)",
+                   reading="needs the read token" if os.environ.get(args.read_token_env) else
+                           f"open (set ${args.read_token_env} to require a token)")
     try:
         await stop.wait()
     finally:
@@ -180,6 +183,7 @@ def cmd_controller(args: argparse.Namespace) -> int:
         heartbeat_lease_s=args.heartbeat_timeout, job_ttl_s=args.job_ttl if args.job_ttl >= 0 else None,
         api_timeout_s=args.api_timeout, runner_image=args.runner_image, retain_days=args.retain_days,
         token_audience=args.token_audience,
+        read_token=os.environ.get(args.read_token_env), secure_cookies=args.secure_cookies,
     )
     try:
         return run_controller(options)
@@ -378,6 +382,16 @@ def add_retention_flag(p: argparse.ArgumentParser) -> None:
                         "hourly; never a running one (default 0: keep everything)")
 
 
+
+def add_read_access_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--read-token-env", default="EVALRUNNER_READ_TOKEN", metavar="VAR",
+                   help="environment variable holding the read token: when it is set, reading /evals and /metrics "
+                        "needs it (or the admin token) as a bearer token or a login (default %(default)s)")
+    p.add_argument("--secure-cookies", action="store_true", default=None,
+                   help="mark every session cookie Secure, for serving behind a TLS-terminating proxy "
+                        "(default: Secure only when this server itself speaks TLS)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--db", default=argparse.SUPPRESS, help=f"DuckDB file (default: {default_db_path()})")
@@ -426,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--admin-token-env", default="EVALRUNNER_ADMIN_TOKEN", metavar="VAR",
                    help="environment variable holding the admin token, which also enables the page's "
                         "terminate action (default %(default)s)")
+    add_read_access_flags(p)
     add_retention_flag(p)
     p.add_argument("--sweep-interval", type=float, default=SWEEP_INTERVAL_S, metavar="S",
                    help="seconds between background sweeps for orphaned runs; 0 disables them (default %(default)s)")
@@ -440,6 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store-url-for-pods", metavar="URL",
                    help="the store service URL as runner pods reach it (default http://HOST:PORT)")
     p.add_argument("--admin-token-env", default="EVALRUNNER_ADMIN_TOKEN", metavar="VAR")
+    add_read_access_flags(p)
     p.add_argument("--scan-interval", type=float, default=SCAN_INTERVAL_S, metavar="S",
                    help="how often pods are classified against the clock (default %(default)s)")
     p.add_argument("--sweep-interval", type=float, default=SWEEP_INTERVAL_S, metavar="S")

@@ -44,7 +44,7 @@ from typing import Iterator
 import pytest
 
 from evalrunner.store.http_client import HttpStore
-from seed_data import ADMIN_TOKEN, Seeded, SeededHistory, seed, seed_history
+from seed_data import ADMIN_TOKEN, READ_TOKEN, Seeded, SeededHistory, seed, seed_history
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "artifacts" / "browser"
@@ -102,12 +102,15 @@ def _wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 
 
 
 @contextlib.contextmanager
-def serving(db: Path, log: Path) -> Iterator[tuple[str, subprocess.Popen]]:
+def serving(db: Path, log: Path, read_token: str | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
     """`evalrunner serve` on `db` (no sweeps: see the module's docstring) until the block ends."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if k not in ("EVALRUNNER_DB", "EVALRUNNER_FAULTS")}
     env["EVALRUNNER_ADMIN_TOKEN"] = ADMIN_TOKEN
+    env.pop("EVALRUNNER_READ_TOKEN", None)
+    if read_token:
+        env["EVALRUNNER_READ_TOKEN"] = read_token
     with open(log, "w") as log_file:
         proc = subprocess.Popen(
             [*_evalrunner(), "--db", str(db), "--no-recover", "serve", "--host", "127.0.0.1",
@@ -155,6 +158,15 @@ def history_server(tmp_path_factory):
     history = seed_history(tmp / "history.duckdb")
     with serving(history.db, tmp / "serve.log") as (url, proc):
         yield HistoryServer(url, history)
+
+
+@pytest.fixture(scope="module")
+def read_server(tmp_path_factory):
+    """The seeded database behind a read token: reading the page needs a login."""
+    tmp = tmp_path_factory.mktemp("read")
+    seeded = seed(tmp / "evals.duckdb")
+    with serving(seeded.db, tmp / "serve.log", read_token=READ_TOKEN) as (url, proc):
+        yield Server(url, proc, seeded)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from evalrunner.store import CaseEvent, DuckDBStore, RunRequest
 from evalrunner.store.duckdb_store import utcnow
 
 ADMIN_TOKEN = "browser-test-admin-token-0123456789"
+READ_TOKEN = "browser-test-read-token-9876543210"
 SCRIPT_SUITE = "<script>window.__xss=1;alert(1)</script>evil-suite"
 SCRIPT_CASE = "<b onmouseover=alert(5)>bold-case</b>"
 SCRIPT_OUTPUT = '<img src=x onerror="window.__xss=2;alert(2)">'

@@ -160,6 +160,38 @@ def test_values_schema_refuses_a_second_replica(helm):
     assert result.returncode != 0 and "replicaCount" in result.stderr
 
 
+def test_read_token_and_secure_cookie_values_reach_the_controller(helm):
+    """Rendering only (no cluster): the read token's Secret and env, and --secure-cookies, each when asked for."""
+    from evalrunner.cli import build_parser
+
+    def render(*values: str) -> tuple[list[dict], dict]:
+        out = run([helm, "template", "er", str(CHART), "--namespace", "evals", "--kube-version", "1.34.4",
+                   *values]).stdout
+        docs = [d for d in yaml.safe_load_all(out) if d]
+        deployment = next(d for d in docs if d["kind"] == "Deployment")
+        return docs, deployment["spec"]["template"]["spec"]["containers"][0]
+
+    def read_env(container: dict) -> list[dict]:
+        return [e for e in container["env"] if e["name"] == "EVALRUNNER_READ_TOKEN"]
+
+    docs, container = render()
+    assert not read_env(container) and "--secure-cookies" not in container["args"], "off by default: as before"
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "Secret"] == ["er-evalrunner-admin"]
+
+    docs, container = render("--set", "readToken.enabled=true", "--set", "page.secureCookies=true")
+    assert read_env(container) == [{"name": "EVALRUNNER_READ_TOKEN", "valueFrom": {
+        "secretKeyRef": {"name": "er-evalrunner-read", "key": "token"}}}]
+    read_secret = next(d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == "er-evalrunner-read")
+    assert len(read_secret["data"]["token"]) >= 48
+    assert "--secure-cookies" in container["args"]
+    args = build_parser().parse_args(container["args"])
+    assert args.secure_cookies is True and args.read_token_env == "EVALRUNNER_READ_TOKEN"
+
+    docs, container = render("--set", "readToken.existingSecret=team-read")
+    assert read_env(container)[0]["valueFrom"]["secretKeyRef"] == {"name": "team-read", "key": "token"}
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "Secret"] == ["er-evalrunner-admin"], "not made"
+
+
 # ---------------------------------------------------------------- install, RBAC, watch modes
 
 

@@ -30,6 +30,15 @@ app.kubernetes.io/component: controller
 {{- default (printf "%s-admin" (include "evalrunner.fullname" .)) .Values.adminToken.existingSecret -}}
 {{- end -}}
 
+{{/* "true" when reading /evals and /metrics needs the read token, else empty. */}}
+{{- define "evalrunner.readTokenEnabled" -}}
+{{- if or .Values.readToken.enabled .Values.readToken.existingSecret -}}true{{- end -}}
+{{- end -}}
+
+{{- define "evalrunner.readSecretName" -}}
+{{- default (printf "%s-read" (include "evalrunner.fullname" .)) .Values.readToken.existingSecret -}}
+{{- end -}}
+
 {{/* The store service URL as runner pods in any namespace reach it. */}}
 {{- define "evalrunner.storeURL" -}}
 {{- printf "http://%s.%s.svc:%d" (include "evalrunner.fullname" .) .Release.Namespace (int .Values.service.port) -}}

@@ -60,6 +60,8 @@ class ControllerOptions:
     runner_image: str = DEFAULT_RUNNER_IMAGE
     retain_days: float = 0  # 0 keeps every closed run
     token_audience: str = DEFAULT_AUDIENCE  # of runner pods' service-account tokens; one per release
+    read_token: str | None = None  # set: reading /evals and /metrics needs a credential
+    secure_cookies: bool | None = None
 
 
 SERVICE_ACCOUNT_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
@@ -145,7 +147,8 @@ async def _serve(options: ControllerOptions, store: DuckDBStore, controller: Con
     local_token = local_server.new_token()  # this host's CLI works through the controller (local_server.py)
     pod_tokens = PodTokens(controller.kube, options.token_audience, options.namespaces)
     app = build_app(store, admin_token=options.admin_token, health=health.report, on_change=controller.on_run_changed,
-                    local_token=local_token, retain_days=options.retain_days, pod_tokens=pod_tokens.caller)
+                    local_token=local_token, retain_days=options.retain_days, pod_tokens=pod_tokens.caller,
+                    read_token=options.read_token, secure_cookies=options.secure_cookies)
     runner = web.AppRunner(app)
     await runner.setup()
     await web.TCPSite(runner, options.host, options.port).start()

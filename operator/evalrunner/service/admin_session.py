@@ -2,7 +2,7 @@
 
 The page never shows the admin token. A person posts it once to the login
 form; the answer is a session cookie (HttpOnly, SameSite=Strict, Path=/evals,
-Secure when served over TLS) that holds only an expiry and a random nonce,
+Secure when served over TLS or with `secure_cookies`) that holds only an expiry and a random nonce,
 signed with HMAC-SHA256 under a secret made when the process starts. So a
 restart, or a change of the admin token (which needs a restart), ends every
 session.
@@ -101,9 +101,12 @@ def session_of(request: web.Request, sessions: AdminSessions) -> Session | None:
     return sessions.check(request.cookies.get(COOKIE))
 
 
-def set_cookie(request: web.Request, response: web.StreamResponse, value: str, max_age: int) -> None:
+def set_cookie(request: web.Request, response: web.StreamResponse, value: str, max_age: int,
+               secure_cookies: bool | None = None) -> None:
+    # Behind a TLS-terminating proxy this server sees plain HTTP: `secure_cookies` says what the browser uses.
     response.set_cookie(
-        COOKIE, value, max_age=max_age, path=COOKIE_PATH, httponly=True, samesite="Strict", secure=request.secure,
+        COOKIE, value, max_age=max_age, path=COOKIE_PATH, httponly=True, samesite="Strict",
+        secure=request.secure or bool(secure_cookies),
     )
 
 

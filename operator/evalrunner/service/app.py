@@ -25,7 +25,7 @@ from aiohttp import web
 
 from .. import log, recovery
 from ..store.duckdb_store import DuckDBStore, utcnow
-from . import api, local_cli, metrics, page
+from . import api, local_cli, metrics, page, read_access
 from .admin_session import AdminSessions
 from .auth import PodTokenCheck, RunScopes, TokenCheck
 from ..store.thread import StoreThread
@@ -58,6 +58,8 @@ async def errors_as_json(request: web.Request, handler: Callable[[web.Request], 
 def build_app(
     store: DuckDBStore,
     admin_token: str | None = None,
+    read_token: str | None = None,
+    secure_cookies: bool | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     sweep_interval_s: float | None = None,
     liveness: recovery.LivenessCheck | None = None,
@@ -74,6 +76,8 @@ def build_app(
     The same app serves the /evals page and /metrics, so `evalrunner serve`
     and the controller both show them. `admin_token` also enables the page's
     terminate action (through a login); without it the page is read-only.
+    `read_token` makes reading the page and /metrics need a credential (read_access.py);
+    `secure_cookies` makes every session cookie Secure (behind a TLS-terminating proxy).
     `heartbeat_timeout_s` is the lease the page and /metrics judge stuck runs by.
     `local_token` (the one in `<db>.server.json`) lets this host's user run CLI commands through it.
     `pod_tokens` (the controller's) turns a runner pod's service-account token into its one run.
@@ -100,7 +104,10 @@ def build_app(
     if local_token:  # the CLI of this host's user, working through the server (local_cli.py)
         local_cli.add_routes(app, local_token)
     page_liveness = liveness or (lambda owner: recovery.local_liveness(owner))
-    page.add_routes(app, page.PageSettings(AdminSessions(admin_token), page_liveness, heartbeat_timeout_s))
+    admin_sessions = AdminSessions(admin_token)
+    reading = read_access.ReadAccess(read_token, admin_token, admin_sessions)
+    app.middlewares.append(read_access.middleware(reading))
+    page.add_routes(app, page.PageSettings(admin_sessions, page_liveness, heartbeat_timeout_s, reading, secure_cookies))
     app_metrics = metrics.Metrics(page_liveness, heartbeat_timeout_s)
     store.transaction_observer = app_metrics.writes.observe
     store.track_case_durations(metrics.CASE_DURATION_BUCKETS)  # one scan now, none per scrape

@@ -16,6 +16,9 @@ Routes:
   GET  /evals/login, POST /evals/login, POST /evals/logout
   GET  /evals/static/...         the stylesheet
 
+With a read token (read_access.py), reading needs a credential; the login
+form then takes the read token (a read-only session) or the admin token.
+
 The terminate action is `recovery.recover_run`, the code path of
 `evalrunner recover`: the run and its running cases fail in one transaction
 with cause `manual`.
@@ -50,6 +53,7 @@ from .admin_session import (
     set_cookie,
 )
 from .context import CALLS, ON_CHANGE, STORE
+from .read_access import ReadAccess, clear_read_cookie, set_read_cookie
 from .markup import Safe, html, join, path_segment, query
 from .stuck import Stuck, heartbeat_age_s, why_stuck
 
@@ -76,6 +80,7 @@ NOTICES = {  # ?notice=… picks one of these fixed texts; the query never reach
     "already-closed": "Nothing to do: the run was already closed.",
     "closed-meanwhile": "The run was closed by someone else meanwhile.",
     "logged-in": "Logged in as admin. Stuck runs now offer a terminate button.",
+    "logged-in-read": "Logged in to read. Terminating a run needs the admin token.",
     "logged-out": "Logged out.",
 }
 
@@ -92,6 +97,14 @@ class PageSettings:
     sessions: AdminSessions
     liveness: recovery.LivenessCheck = field(default=lambda owner: local_liveness(owner))
     heartbeat_timeout_s: float = HEARTBEAT_LEASE_S
+    reading: ReadAccess = field(default_factory=lambda: ReadAccess(None))
+    # True: every session cookie is Secure, as behind a TLS-terminating proxy, where this server sees
+    # plain HTTP. Otherwise Secure only when this server's own connection is TLS.
+    secure_cookies: bool | None = None
+
+    @property
+    def login_enabled(self) -> bool:
+        return self.sessions.enabled or self.reading.required
 
 
 PAGE = web.AppKey("page", PageSettings)
@@ -269,57 +282,98 @@ async def run_page(request: web.Request, error: str | None = None, status: int =
 async def login_page(request: web.Request, error: str | None = None, status: int = 200) -> web.Response:
     settings = request.app[PAGE]
     next_url = _local_path(request.query.get("next")) or "/evals"
-    if not settings.sessions.enabled:
+    if not settings.login_enabled:
         return _page(request, "Admin login", html('<h1>Admin login</h1><p class="disabled">{}</p>', DISABLED_TEXT))
+    title = "Log in" if settings.reading.required else "Admin login"
     if session_of(request, settings.sessions) is not None:
-        return _page(request, "Admin login", html(
-            '<h1>Admin login</h1><p>You are logged in as admin. <a href="{}">Continue</a></p>', next_url))
+        return _page(request, title, html(
+            '<h1>{}</h1><p>You are logged in as admin. <a href="{}">Continue</a></p>', title, next_url))
+    if not settings.sessions.enabled and settings.reading.read_session(request) is not None:
+        return _page(request, title, html(
+            '<h1>{}</h1><p>You are logged in to read. <a href="{}">Continue</a></p>', title, next_url))
     body = html(
-        '<h1>Admin login</h1>'
+        '<h1>{title}</h1>'
         '{error}'
-        '<p>Terminating a run needs the admin token (the one the server was started with). '
+        '<p>{why} '
         'It is sent once; the browser then keeps a session cookie that expires in {hours} hours.</p>'
         '<form method="post" action="/evals/login" class="login">'
         '<input type="hidden" name="next" value="{next}">'
-        '<label>Admin token <input type="password" name="token" id="token" autocomplete="current-password" '
+        '<label>{label} <input type="password" name="token" id="token" autocomplete="current-password" '
         'required></label> <button type="submit" id="login">Log in</button></form>',
+        title=title, why=_login_why(settings), label=_token_label(settings),
         error=html('<p class="error" role="alert">{}</p>', error) if error else Safe(""),
         hours=f"{settings.sessions.ttl_s / 3600:g}", next=next_url,
     )
-    return _page(request, "Admin login", body, status=status)
+    return _page(request, title, body, status=status)
+
+
+def _login_why(settings: PageSettings) -> str:
+    if not settings.reading.required:
+        return "Terminating a run needs the admin token (the one the server was started with)."
+    if not settings.sessions.enabled:
+        return "Reading this page needs the read token (the one the server was started with)."
+    return ("Reading this page needs the read token; the admin token lets you read and also terminate runs "
+            "(each is the one the server was started with).")
+
+
+def _token_label(settings: PageSettings) -> str:
+    if not settings.reading.required:
+        return "Admin token"
+    return "Read or admin token" if settings.sessions.enabled else "Read token"
 
 
 async def login(request: web.Request) -> web.Response:
-    sessions = request.app[PAGE].sessions
-    if not sessions.enabled:
+    """The admin token gives an admin session; the read token (when there is one) a read-only session."""
+    settings = request.app[PAGE]
+    sessions, reading = settings.sessions, settings.reading
+    if not settings.login_enabled:
         return _page(request, "Admin login", html('<p class="disabled">{}</p>', DISABLED_TEXT), status=403)
     problem = cross_origin_problem(request)
     if problem:
         return _refused(request, problem)
     form = await request.post()
     next_url = _local_path(_text(form.get("next"))) or "/evals"
-    if not sessions.token_matches(_text(form.get("token"))):
-        await asyncio.sleep(LOGIN_FAILURE_DELAY_S)
-        return await login_page(request, error="That is not the admin token.", status=401)
-    value, session = sessions.issue()
-    response = _redirect(_with_notice(next_url, "logged-in"))
-    set_cookie(request, response, value, max_age=int(sessions.ttl_s))
-    return response
+    token = _text(form.get("token"))
+    if sessions.token_matches(token):
+        value, session = sessions.issue()
+        response = _redirect(_with_notice(next_url, "logged-in"))
+        set_cookie(request, response, value, max_age=int(sessions.ttl_s), secure_cookies=settings.secure_cookies)
+        if reading.required:  # the admin cookie stops at /evals; this one lets the browser read /metrics too
+            set_read_cookie(request, response, reading.sessions.issue()[0], int(reading.sessions.ttl_s),
+                            settings.secure_cookies)
+        return response
+    if reading.read_token_matches(token):
+        value, session = reading.sessions.issue()
+        response = _redirect(_with_notice(next_url, "logged-in-read"))
+        set_read_cookie(request, response, value, int(reading.sessions.ttl_s), settings.secure_cookies)
+        return response
+    await asyncio.sleep(LOGIN_FAILURE_DELAY_S)
+    wrong = ("That is not the admin token." if not reading.required else
+             "That is neither the read token nor the admin token." if sessions.enabled else
+             "That is not the read token.")
+    return await login_page(request, error=wrong, status=401)
 
 
 async def logout(request: web.Request) -> web.Response:
-    sessions = request.app[PAGE].sessions
+    settings = request.app[PAGE]
     problem = cross_origin_problem(request)
     if problem:
         return _refused(request, problem)
-    session = session_of(request, sessions)
+    held = [(owner, session) for owner, session in ((settings.sessions, session_of(request, settings.sessions)),
+                                                    (settings.reading.sessions, settings.reading.read_session(request)))
+            if session is not None]
     form = await request.post()
-    if session is not None:
-        if not sessions.csrf_ok(session, _text(form.get("csrf"))):
+    if held:
+        # The page's logout form carries the CSRF token of the session it was drawn for.
+        if not any(owner.csrf_ok(session, _text(form.get("csrf"))) for owner, session in held):
             return _refused(request, "the form's CSRF token is missing or wrong; reload the page and try again")
-        sessions.end(session)
-    response = _redirect("/evals?notice=logged-out")
+        for owner, session in held:
+            owner.end(session)
+    # With a read token, /evals would only send a logged-out reader to the login form.
+    response = _redirect("/evals/login?notice=logged-out" if settings.reading.required else "/evals?notice=logged-out")
     clear_cookie(response)
+    if settings.reading.required:
+        clear_read_cookie(response)
     return response
 
 
@@ -660,10 +714,18 @@ def _page(request: web.Request, title: str, body: Safe, status: int = 200,
     settings = request.app[PAGE]
     session = session_of(request, settings.sessions)
     notice = NOTICES.get(request.query.get("notice", ""))
+    reader = settings.reading.read_session(request) if session is None else None
     if session is not None:
         who = html('<form method="post" action="/evals/logout" class="logout"><span class="admin">admin</span> '
                    '<input type="hidden" name="csrf" value="{}"><button type="submit" id="logout">Log out</button>'
                    '</form>', session.csrf_token)
+    elif reader is not None:
+        admin_link = (html('<a href="{}" id="login-link">Log in as admin</a> ', query("/evals/login", next=_here(request)))
+                      if settings.sessions.enabled and not request.path.startswith("/evals/login") else Safe(""))
+        who = html('<form method="post" action="/evals/logout" class="logout">{}'
+                   '<span class="readonly" title="logged in with the read token">read-only</span> '
+                   '<input type="hidden" name="csrf" value="{}"><button type="submit" id="logout">Log out</button>'
+                   '</form>', admin_link, reader.csrf_token)
     elif settings.sessions.enabled and not request.path.startswith("/evals/login"):
         who = html('<a href="{}" id="login-link">Log in as admin</a>', query("/evals/login", next=_here(request)))
     elif not settings.sessions.enabled:
