@@ -158,8 +158,7 @@ class FakeKube:
 
     # ------------------------------------------------------------ the Kube interface
 
-    def create_owned(self, obj: dict[str, Any], evalrun: dict[str, Any],
-                     adopt_blindly: bool = False) -> tuple[dict[str, Any], bool]:
+    def create_owned(self, obj: dict[str, Any], evalrun: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         kind, ns, name = obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]
         self._maybe_fail("create", kind)
         key = (kind, ns, name)
@@ -169,8 +168,6 @@ class FakeKube:
             stored["metadata"]["creationTimestamp"] = ts(self.clock.now)
             self.objects[key] = stored
             return copy.deepcopy(stored), True
-        if adopt_blindly:
-            return obj, False
         existing = self.objects[key]
         if not builders.owned_by(existing, evalrun):
             raise RuntimeError(f"{kind} {ns}/{name} exists and belongs to another object")

@@ -172,8 +172,8 @@ class IndexedKube:
             return self.api.job_pods(namespace, job_name)
         return self.index.job_pods(namespace, job_name)
 
-    def create_owned(self, obj: Obj, evalrun: Obj, adopt_blindly: bool = False) -> tuple[Obj, bool]:
-        created, was_created = self.api.create_owned(obj, evalrun, adopt_blindly)
+    def create_owned(self, obj: Obj, evalrun: Obj) -> tuple[Obj, bool]:
+        created, was_created = self.api.create_owned(obj, evalrun)
         if created.get("kind", obj.get("kind")) == "Job":
             self.index.apply(JOB, "ADDED", created)
         return created, was_created

@@ -64,19 +64,15 @@ class Kube:
 
     # ------------------------------------------------------------ children
 
-    def create_owned(
-        self, obj: dict[str, Any], evalrun: dict[str, Any], adopt_blindly: bool = False
-    ) -> tuple[dict[str, Any], bool]:
+    def create_owned(self, obj: dict[str, Any], evalrun: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         """Create `obj`, or adopt the existing one of the same fixed name if this EvalRun owns it.
 
         Returns (object, created). A name taken by someone else's object is an
-        error. `adopt_blindly` skips reading the existing object back, for kinds
-        the controller may create but not read (Secrets).
+        error: an object is never adopted without reading its owner.
         """
         kind, ns, name = obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]
         create, read = {
             "ConfigMap": (self.core.create_namespaced_config_map, self.core.read_namespaced_config_map),
-            "Secret": (self.core.create_namespaced_secret, self.core.read_namespaced_secret),
             "Job": (self.batch.create_namespaced_job, self.batch.read_namespaced_job),
         }[kind]
         try:
@@ -84,8 +80,6 @@ class Kube:
         except ApiException as exc:
             if exc.status != 409:
                 raise
-        if adopt_blindly:
-            return obj, False
         existing = self._plain(read(name, ns))
         if not owned_by(existing, evalrun):
             raise RuntimeError(f"{kind} {ns}/{name} exists and belongs to another object; rename the EvalRun or suite")
