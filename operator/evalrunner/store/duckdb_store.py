@@ -51,6 +51,7 @@ from .records import (
     RunRow,
     SaveReport,
     StrandedCases,
+    case_row_id,
 )
 from .case_durations import RETURNED as CASE_STATE, CaseDurations, CaseState
 from .reserve import DiskReserve
@@ -530,6 +531,7 @@ class DuckDBStore:
         if self.faults:
             for ev in (ev for batch in batches for ev in batch):
                 self.faults.check("case_save", ev.name)
+        _check_case_names(ev for batch in batches for ev in batch)
         run_ids = sorted({ev.run_id for batch in batches for ev in batch})
         if not run_ids:
             return [False] * len(batches)
@@ -557,6 +559,7 @@ class DuckDBStore:
         if self.faults:
             for ev in batch:
                 self.faults.check("case_save", ev.name)
+        _check_case_names(batch)
         run_ids = sorted({ev.run_id for ev in batch})
         now = self.clock()
         # The guard is a write, not a read: touching the run row orders this batch against a
@@ -728,14 +731,18 @@ class DuckDBStore:
             return None
         unsaved_cases = dict(unsaved_cases or {})
         self._land_case_events(cur, run_id, case_events, unsaved_cases)
+        own_rows = case_row_id(run_id, "")
         for row_id, save_error in unsaved_cases.items():
-            name = row_id.split("/", 1)[-1]
+            name = row_id[len(own_rows):]
+            if not row_id.startswith(own_rows) or "/" in name:  # another run's row is never this run's to close
+                continue
             self._write_cases(
                 cur,
                 "INSERT INTO eval_cases (id, run_id, name, status, created_at, started_at, completed_at, error, cause) "
                 "VALUES (?, ?, ?, 'failed', ?, ?, ?, ?, ?) "
                 "ON CONFLICT (id) DO UPDATE SET status = 'failed', completed_at = excluded.completed_at, "
-                "error = excluded.error, cause = excluded.cause WHERE eval_cases.status = 'running'",
+                "error = excluded.error, cause = excluded.cause "
+                "WHERE eval_cases.status = 'running' AND eval_cases.run_id = excluded.run_id",
                 [row_id, run_id, name, now, now, now, f"case result could not be saved: {save_error}",
                  Cause.CASE_SAVE_FAILED.value],
             )
@@ -767,7 +774,7 @@ class DuckDBStore:
         """
         latest: dict[str, CaseEvent] = {}
         for ev in events:
-            if ev.run_id != run_id:
+            if ev.run_id != run_id or "/" in ev.name:  # not a row of this run (see _check_case_names)
                 continue
             try:
                 self.faults.check("case_save", ev.name)
@@ -1170,7 +1177,8 @@ def _case_rows_upsert(run_id: str | None, now: datetime, events: Sequence[CaseEv
     GIL the runner's event loop needs), so a column that is NULL in every
     row is sent as a constant, timestamps as epoch seconds (a float converts
     several times faster than a datetime), and the row id is built in SQL.
-    A terminal case row is never overwritten (the WHERE on the update).
+    A terminal case row is never overwritten, nor a row of another run (the
+    WHERE on the update): a row id that another run wrote first stays its.
     """
     params: list[object] = [run_id, now]
     selected = []
@@ -1195,9 +1203,17 @@ def _case_rows_upsert(run_id: str | None, now: datetime, events: Sequence[CaseEv
     sql = (
         f"INSERT INTO eval_cases (id, run_id, created_at, {names}) "
         f"SELECT {run} || '/' || name, {run}, $2, {names} FROM (SELECT {', '.join(selected)}) "
-        f"ON CONFLICT (id) DO UPDATE SET {updated} WHERE eval_cases.status = 'running'"
+        f"ON CONFLICT (id) DO UPDATE SET {updated} "
+        f"WHERE eval_cases.status = 'running' AND eval_cases.run_id = excluded.run_id"
     )
     return sql, params
+
+
+def _check_case_names(events: Iterable[CaseEvent]) -> None:
+    """A case row's id is `{run_id}/{name}`: a name with a '/' could name another run's row."""
+    for ev in events:
+        if "/" in ev.name:
+            raise errors.StoreError(f"case name {ev.name!r} of run {ev.run_id} contains '/'")
 
 
 def _latest_per_row(events: Sequence[CaseEvent]) -> list[CaseEvent]:
