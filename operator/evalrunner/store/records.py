@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from ..models import LockPolicy
+from ..models import LockPolicy, RunStatus
 from ..owner import Owner
 from ..scope import Scope
 from ..timing import DEADLINE_GRACE_S
@@ -115,6 +115,17 @@ class Admission:
 
     run: RunRow
     replaced: tuple[RunRow, ...] = ()
+
+
+@dataclass(frozen=True)
+class FinishRequest:
+    """A runner's own close of its run, as the store service receives it."""
+
+    status: RunStatus
+    cause: str | None = None
+    error: str | None = None
+    unsaved_cases: dict[str, str] = field(default_factory=dict)  # case row id -> why its save failed
+    case_events: list[CaseEvent] = field(default_factory=list)  # latest states of rows whose saves failed
 
 
 @dataclass
