@@ -218,7 +218,10 @@ BAD_STARTS = {
     "parent run id a list": (start_body(parent_run_id=["p"]), "parent_run_id"),
     "source an object": (start_body(source={"a": 1}), "source"),
     "source huge": (start_body(source="p" * 100_000), "source"),
+    "source a lone surrogate": (start_body(source="\ud800"), "source"),
+    "owner host a lone surrogate": (start_body(owner={"kind": "process", "host": "\udfff"}), "owner.host"),
     "scope a number": (start_body(scope=5), "scope"),
+    "scope with odd characters": (start_body(scope="a/b/\ud800"), "scope"),
     "body a list": ([start_body()], "body"),
     "unknown field": (start_body(evil=1), "evil"),
 }
@@ -306,6 +309,8 @@ BAD_EVENTS = {
     "cause unknown": (dict(cause="because"), "cause"),
     "started_at a number": (dict(started_at=5), "started_at"),
     "completed_at garbage": (dict(completed_at="yesterday"), "completed_at"),
+    "started_at past year 9999": (dict(started_at="9999-12-31T23:59:59-23:59"), "started_at"),
+    "error a lone surrogate": (dict(error="\ud800"), "error"),
     "event a list": (None, "events[0]"),
 }
 
@@ -343,3 +348,9 @@ def test_good_list_queries_still_answer(service):
     for query in ("", "?limit=1", "?limit=500", "?status=running&suite=listed"):
         status, _, body = call(service, "GET", f"/api/v1/runs{query}")
         assert status == 200 and len(body["runs"]) == 1, query
+
+
+@pytest.mark.parametrize("path", ["/api/v1/runs/%ED%A0%80", "/api/v1/runs/a%2Fb/cases", "/api/v1/runs/" + "r" * 300])
+def test_a_run_id_no_run_can_have_is_a_json_404(service, path):
+    code, ctype, body = call(service, "GET", path)
+    assert code == 404 and ctype.startswith("application/json") and "no run" in body["error"]

@@ -6,7 +6,7 @@ import json
 import math
 import re
 from dataclasses import asdict, fields
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any, Mapping, NamedTuple, Sequence
 
 from ..models import NAME_PATTERN, Cause, LockPolicy, RunStatus
@@ -26,6 +26,8 @@ NAME_RE = re.compile(NAME_PATTERN)
 # A run id has no '/' either (the controller's are `{uid}-{suite}-a{n}`, local ones a timestamp).
 RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$"
 RUN_ID_RE = re.compile(RUN_ID_PATTERN)
+SCOPE_PATTERN = r"^[A-Za-z0-9._-]{1,253}/[A-Za-z0-9._-]{1,253}/[A-Za-z0-9._-]{1,253}$"  # namespace/name/uid
+SCOPE_RE = re.compile(SCOPE_PATTERN)
 MAX_TIMEOUT_S = 86_400.0  # per case, as a suite file allows
 MAX_DEADLINE_GRACE_S = 7 * 86_400.0
 MAX_LABEL_CHARS = 253  # owner fields, a scope's parts, a suite filter: Kubernetes names are no longer
@@ -80,6 +82,11 @@ def _text(value: Any, field: str, max_chars: int, nullable: bool = True) -> str 
         raise WireError(f"{field}: must be a string{' or null' if nullable else ''}, not {_kind(value)}")
     if len(value) > max_chars:
         raise WireError(f"{field}: {len(value)} characters; the limit is {max_chars}")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate (JSON allows "\ud800"): not text the store can hold
+            raise WireError(f"{field}: not valid Unicode text (a lone surrogate)") from None
     return value
 
 
@@ -146,6 +153,17 @@ def _parse_ts(value: Any, field: str) -> datetime | None:
         raise WireError(f"{field}: not an ISO 8601 timestamp: {value!r}") from None
 
 
+_EARLIEST, _LATEST = datetime(1970, 1, 2, tzinfo=timezone.utc), datetime(9000, 1, 1, tzinfo=timezone.utc)
+
+
+def _request_ts(value: Any, field: str, nullable: bool) -> datetime | None:
+    """A timestamp in a request: ISO 8601 text within years 1970..9000 (stored and read back as such)."""
+    ts = _parse_ts(_text(value, field, 64, nullable), field)
+    if ts is not None and not _EARLIEST <= (ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc)) < _LATEST:
+        raise WireError(f"{field}: must be between 1970 and 9000, not {value!r}")
+    return ts
+
+
 def _scope_text(scope: Scope | None) -> str | None:
     return str(scope) if scope is not None else None
 
@@ -153,7 +171,7 @@ def _scope_text(scope: Scope | None) -> str | None:
 def _parse_scope(value: Any, field: str) -> Scope | None:
     if value is None:
         return None
-    scope = Scope.parse(value) if isinstance(value, str) and len(value) <= 3 * MAX_LABEL_CHARS + 2 else None
+    scope = Scope.parse(value) if isinstance(value, str) and SCOPE_RE.match(value) else None
     if scope is None:
         raise WireError(f"{field}: must be namespace/name/uid, not {_shown(value)}")
     return scope
@@ -344,9 +362,8 @@ def case_event_from_json(data: Any, index: int, run_id: str | None = None, where
         run_id=event_run_id,
         name=name,
         status=_choice(data["status"], f"{where}.status", RUN_STATUSES),
-        started_at=_parse_ts(_text(data["started_at"], f"{where}.started_at", 64, nullable=False),
-                             f"{where}.started_at"),  # type: ignore[arg-type]
-        completed_at=_parse_ts(_text(data.get("completed_at"), f"{where}.completed_at", 64), f"{where}.completed_at"),
+        started_at=_request_ts(data["started_at"], f"{where}.started_at", nullable=False),  # type: ignore[arg-type]
+        completed_at=_request_ts(data.get("completed_at"), f"{where}.completed_at", nullable=True),
         error=_text(data.get("error"), f"{where}.error", MAX_TEXT_CHARS),
         cause=None if cause is None else _choice(cause, f"{where}.cause", CAUSES),
         passed=data.get("passed"),
