@@ -138,7 +138,7 @@ def test_a_finish_cannot_carry_another_runs_case_events(service, two_tenants):
 
 
 def test_the_store_never_moves_a_case_row_to_another_run(tmp_path):
-    """Defence in depth below the API: a case row stays with the run that wrote it first."""
+    """Defence in depth below the API: a case row stays with the run that wrote it, as it was."""
     store = DuckDBStore.open(tmp_path / "store.duckdb", faults=Faults(""))
     try:
         def start(run_id):
@@ -147,14 +147,14 @@ def test_the_store_never_moves_a_case_row_to_another_run(tmp_path):
         victim, attacker = start("r1/x"), start("r1")  # ids the API refuses; the store must hold anyway
         now = utcnow()
         store.save_cases([CaseEvent(f"{victim}/c1", victim, "c1", "running", now)])
-        before = snapshot(store)[1]
+        before = [row for row in snapshot(store)[1] if row[1] == victim]
         # The attacker's case "x/c1" has the row id "r1/x/c1": the victim's row.
-        store.save_cases([CaseEvent(f"{victim}/c1", attacker, "x/c1", "completed", now, now, output="PWNED")])
-        store.finish_run(attacker, RunStatus.FAILED, "manual", "x",
-                         unsaved_cases={f"{victim}/c1": "claimed", f"{victim}/c9": "claimed"},
-                         case_events=[CaseEvent(f"{victim}/c1", attacker, "x/c1", "completed", now, now, output="PWNED")])
-        victims = [row for row in snapshot(store)[1] if row[0].startswith(f"{victim}/")]
-        assert victims == [row for row in before if row[0].startswith(f"{victim}/")]
+        pwned = CaseEvent(f"{victim}/c1", attacker, "x/c1", "completed", now, now, output="PWNED")
+        store.save_cases([pwned])
+        store.finish_run(attacker, RunStatus.FAILED, "manual", "x", unsaved_cases={f"{victim}/c1": "claimed"},
+                         case_events=[pwned])
+        assert [row for row in snapshot(store)[1] if row[1] == victim] == before
+        assert [row[0] for row in snapshot(store)[1] if row[1] == attacker] == []
     finally:
         store.close()
 

@@ -531,7 +531,6 @@ class DuckDBStore:
         if self.faults:
             for ev in (ev for batch in batches for ev in batch):
                 self.faults.check("case_save", ev.name)
-        _check_case_names(ev for batch in batches for ev in batch)
         run_ids = sorted({ev.run_id for batch in batches for ev in batch})
         if not run_ids:
             return [False] * len(batches)
@@ -559,7 +558,6 @@ class DuckDBStore:
         if self.faults:
             for ev in batch:
                 self.faults.check("case_save", ev.name)
-        _check_case_names(batch)
         run_ids = sorted({ev.run_id for ev in batch})
         now = self.clock()
         # The guard is a write, not a read: touching the run row orders this batch against a
@@ -733,9 +731,9 @@ class DuckDBStore:
         self._land_case_events(cur, run_id, case_events, unsaved_cases)
         own_rows = case_row_id(run_id, "")
         for row_id, save_error in unsaved_cases.items():
-            name = row_id[len(own_rows):]
-            if not row_id.startswith(own_rows) or "/" in name:  # another run's row is never this run's to close
+            if not row_id.startswith(own_rows):  # another run's row is never this run's to close
                 continue
+            name = row_id[len(own_rows):]
             self._write_cases(
                 cur,
                 "INSERT INTO eval_cases (id, run_id, name, status, created_at, started_at, completed_at, error, cause) "
@@ -774,7 +772,7 @@ class DuckDBStore:
         """
         latest: dict[str, CaseEvent] = {}
         for ev in events:
-            if ev.run_id != run_id or "/" in ev.name:  # not a row of this run (see _check_case_names)
+            if ev.run_id != run_id:
                 continue
             try:
                 self.faults.check("case_save", ev.name)
@@ -1207,13 +1205,6 @@ def _case_rows_upsert(run_id: str | None, now: datetime, events: Sequence[CaseEv
         f"WHERE eval_cases.status = 'running' AND eval_cases.run_id = excluded.run_id"
     )
     return sql, params
-
-
-def _check_case_names(events: Iterable[CaseEvent]) -> None:
-    """A case row's id is `{run_id}/{name}`: a name with a '/' could name another run's row."""
-    for ev in events:
-        if "/" in ev.name:
-            raise errors.StoreError(f"case name {ev.name!r} of run {ev.run_id} contains '/'")
 
 
 def _latest_per_row(events: Sequence[CaseEvent]) -> list[CaseEvent]:
