@@ -177,3 +177,33 @@ def test_runner_final_write_fault_leaves_the_summary_and_the_row_running(service
     row = service.store.get_run(kept[0].run_id)
     assert row.status == "running"  # left for the controller to complete from the summary
     assert {c.status for c in service.store.cases(row.id)} == {"completed"}
+
+
+def test_a_case_whose_exception_text_is_huge_fails_alone_with_its_text_clipped(tmp_path):
+    """The store API refuses error texts over 1 MiB; the runner clips them, so one huge exception
+    message fails its own case, not the batch it rides in (and then the whole run)."""
+    (tmp_path / "huge_targets.py").write_text(
+        "def answer(x):\n"
+        "    if x == 'boom':\n"
+        "        raise ValueError('x' * 2_000_000)\n"
+        "    return x\n")
+    suite_file = tmp_path / "huge.yaml"
+    suite_file.write_text(
+        "name: huge\ntarget: {python: {callable: 'huge_targets:answer'}}\n"
+        "cases:\n  - {id: ok, input: fine, expected: fine}\n  - {id: boom, input: boom, expected: x}\n")
+    store = DuckDBStore.open(tmp_path / "huge.duckdb", faults=Faults(""))
+    service = ServiceThread(store, ADMIN)  # the service's default body limit (8 MiB)
+    service.url = service.origin
+    try:
+        token, _ = token_for(service, "huge")
+        result = asyncio.run(run_suite(load_suite(suite_file), HttpStore(service.url, token),
+                                       RunOptions(handle_signals=False, search_path=(str(tmp_path),))))
+        row = store.get_run(result.run.id)
+        cases = {c.name: c for c in store.cases(row.id)}
+    finally:
+        service.stop()
+        store.close()
+    assert row.status == "completed"
+    assert cases["ok"].status == "completed" and cases["ok"].passed
+    assert cases["boom"].cause == "case_raised", cases["boom"]
+    assert "truncated, 2000" in cases["boom"].error and len(cases["boom"].error) <= 1024 * 1024

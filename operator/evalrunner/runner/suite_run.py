@@ -22,7 +22,7 @@ from ..owner import Owner, this_process
 from ..scorers import aclose_all, build_scorer
 from ..store.duckdb_store import utcnow
 from ..store.protocol import RunStore
-from ..store.records import CaseEvent, RunRequest, RunRow, case_row_id, clip_output
+from ..store.records import CaseEvent, RunRequest, RunRow, case_row_id, clip_output, clip_text
 from ..targets import build_target
 from ..timing import DEADLINE_GRACE_S, FLUSH_INTERVAL_S, HEARTBEAT_INTERVAL_S
 from .case import CaseOutcome, execute_case
@@ -249,9 +249,9 @@ class _SuiteRun:
                                          deadlines)
             self.outcomes[case.id] = outcome
             final = CaseEvent(
-                row_id, run_id, case.id, outcome.status.value, started, utcnow(), outcome.error,
+                row_id, run_id, case.id, outcome.status.value, started, utcnow(), clip_text(outcome.error),
                 outcome.cause.value if outcome.cause else None, outcome.passed, outcome.score,
-                clip_output(outcome.output), outcome.detail, outcome.duration_ms,
+                clip_output(outcome.output), clip_text(outcome.detail), outcome.duration_ms,
                 outcome.usage.prompt_tokens, outcome.usage.completion_tokens, outcome.usage.total_tokens,
             )
             self.final_events[case.id] = final

@@ -19,7 +19,6 @@ from typing import Any
 from aiohttp import web
 
 from .. import admission
-from ..models import RunStatus
 from ..store import wire
 from ..store.duckdb_store import RunIdTaken
 from ..owner import Owner
@@ -29,8 +28,6 @@ from .auth import Caller, TokenRefused, bearer_token, is_service_account_token
 from ..store.thread import StoreThread
 from .context import CALLS, INGEST, ON_CHANGE, POD_TOKENS, RUN_SCOPES, STORE, TOKENS, http_error, json_error
 from .ingest import Busy
-
-MAX_EVENTS_PER_BATCH = 10_000
 
 
 def add_routes(app: web.Application) -> None:
@@ -69,9 +66,19 @@ async def _caller(request: web.Request) -> Caller:
 
 async def _body(request: web.Request) -> Any:
     try:
-        return await request.json()
-    except ValueError:
-        raise http_error(web.HTTPBadRequest, "request body is not valid JSON") from None
+        text = await request.text()
+    except (web.RequestPayloadError, ValueError) as exc:  # e.g. a Content-Encoding the bytes do not have
+        raise http_error(web.HTTPBadRequest, f"body: could not be read: {' '.join(str(exc).split())}") from None
+    try:
+        return wire.loads(text)
+    except wire.WireError as exc:
+        raise http_error(web.HTTPBadRequest, str(exc)) from None
+
+
+def _refused(exc: wire.WireError) -> web.Response:
+    """A request the wire parser refused, as its 4xx: the message names the field."""
+    status = 403 if isinstance(exc, wire.WireForbidden) else 413 if isinstance(exc, wire.WireTooLarge) else 400
+    return json_error(status, str(exc))
 
 
 async def _run_scope(request: web.Request, run_id: str) -> Scope | None:
@@ -188,14 +195,12 @@ async def list_runs(request: web.Request) -> web.Response:
     caller = await _caller(request)
     store, calls = _ctx(request)
     try:
-        limit = min(int(request.query.get("limit", 50)), 500)
-    except ValueError:
-        raise http_error(web.HTTPBadRequest, "limit: must be an integer") from None
-    status = request.query.get("status")
-    if status not in (None, "running", "completed", "failed"):
-        raise http_error(web.HTTPBadRequest, f"status: must be running, completed or failed, not {status!r}")
-    runs = await calls(store.list_runs, status, request.query.get("suite"), limit if caller.is_admin else 500)
-    visible = [r for r in runs if caller.may_read(r.scope)][:limit]
+        query = wire.runs_query_from_params(request.query)
+    except wire.WireError as exc:
+        return _refused(exc)
+    runs = await calls(store.list_runs, query.status, query.suite,
+                       query.limit if caller.is_admin else wire.MAX_LIST_LIMIT)
+    visible = [r for r in runs if caller.may_read(r.scope)][:query.limit]
     return web.json_response({"runs": [wire.run_row_to_json(r) for r in visible]})
 
 
@@ -222,20 +227,10 @@ async def save_cases(request: web.Request) -> web.Response:
         ingest.check_room()  # a full queue is refused before the body is read and parsed
     except Busy as exc:
         return _busy(exc)
-    body = await _body(request)
-    events_json = body.get("events") if isinstance(body, dict) else None
-    if not isinstance(events_json, list):
-        raise http_error(web.HTTPBadRequest, "POST /runs/{id}/cases: body must be {\"events\": [...]}")
-    if len(events_json) > MAX_EVENTS_PER_BATCH:
-        raise http_error(web.HTTPRequestEntityTooLarge,
-                     f"{len(events_json)} events in one batch; the limit is {MAX_EVENTS_PER_BATCH}")
     try:
-        events = [wire.case_event_from_json(e, i) for i, e in enumerate(events_json)]
+        events = wire.case_batch_from_json(await _body(request), run_id)
     except wire.WireError as exc:
-        raise http_error(web.HTTPBadRequest, str(exc)) from None
-    foreign = [e.row_id for e in events if e.run_id != run_id]
-    if foreign:
-        raise http_error(web.HTTPForbidden, f"events for other runs in a batch for run {run_id}: {foreign[:3]}")
+        return _refused(exc)
     try:
         saved = ingest.save_cases(events)
     except Busy as exc:
@@ -253,29 +248,13 @@ async def heartbeat(request: web.Request) -> web.Response:
 
 async def finish_run(request: web.Request) -> web.Response:
     run = await _owned_run(request, await _caller(request))
-    body = await _body(request)
-    if not isinstance(body, dict):
-        raise http_error(web.HTTPBadRequest, "POST /runs/{id}/finish: body must be an object")
     try:
-        status = RunStatus(body.get("status"))
-    except ValueError:
-        raise http_error(web.HTTPBadRequest, f"status: must be completed or failed, not {body.get('status')!r}") from None
-    if status is RunStatus.RUNNING:
-        raise http_error(web.HTTPBadRequest, "status: a run can only finish as completed or failed")
-    # Case results whose saves failed land with the close (optional: older runners do not send them).
-    try:
-        case_events = wire.case_events_from_json(body.get("case_events"), "case_events")
+        req = wire.finish_request_from_json(await _body(request), run.id)
     except wire.WireError as exc:
-        raise http_error(web.HTTPBadRequest, str(exc)) from None
-    if len(case_events) > MAX_EVENTS_PER_BATCH:
-        raise http_error(web.HTTPRequestEntityTooLarge,
-                         f"{len(case_events)} case events; the limit is {MAX_EVENTS_PER_BATCH}")
-    foreign = [e.row_id for e in case_events if e.run_id != run.id]
-    if foreign:
-        raise http_error(web.HTTPForbidden, f"case events for other runs in the finish of run {run.id}: {foreign[:3]}")
+        return _refused(exc)
     store, calls = _ctx(request)
-    closed = await calls(store.finish_run, run.id, status, body.get("cause"), body.get("error"),
-                         dict(body.get("unsaved_cases") or {}), case_events=case_events)
+    closed = await calls(store.finish_run, run.id, req.status, req.cause, req.error, req.unsaved_cases,
+                         case_events=req.case_events)
     if closed is not None:
         request.app[ON_CHANGE](closed.scope)
         return web.json_response({"applied": True, "run": wire.run_row_to_json(closed)})
@@ -283,5 +262,5 @@ async def finish_run(request: web.Request) -> web.Response:
     if current is None:  # deleted by retention meanwhile
         raise http_error(web.HTTPNotFound, f"no run {run.id}")
     # A retry of a finish that already landed is a success, not a fence.
-    replay = current.terminated_by == "runner" and current.status == status.value and current.cause == body.get("cause")
+    replay = current.terminated_by == "runner" and current.status == req.status.value and current.cause == req.cause
     return web.json_response({"applied": replay, "run": wire.run_row_to_json(current)})

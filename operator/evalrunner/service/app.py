@@ -25,7 +25,7 @@ from aiohttp import web
 
 from .. import log, recovery
 from ..store.duckdb_store import DuckDBStore, utcnow
-from . import api, local_cli, metrics, page, read_access
+from . import api, local_cli, metrics, openapi, page, read_access
 from .admin_session import AdminSessions
 from .auth import PodTokenCheck, RunScopes, TokenCheck
 from ..store.thread import StoreThread
@@ -101,6 +101,7 @@ def build_app(
     app.router.add_get("/livez", livez)
     app.router.add_get("/readyz", readyz)
     api.add_routes(app)
+    openapi.add_routes(app)  # the runner API's OpenAPI document, no token needed
     if local_token:  # the CLI of this host's user, working through the server (local_cli.py)
         local_cli.add_routes(app, local_token)
     page_liveness = liveness or (lambda owner: recovery.local_liveness(owner))

@@ -51,6 +51,7 @@ from .records import (
     RunRow,
     SaveReport,
     StrandedCases,
+    case_row_id,
 )
 from .case_durations import RETURNED as CASE_STATE, CaseDurations, CaseState
 from .reserve import DiskReserve
@@ -728,14 +729,18 @@ class DuckDBStore:
             return None
         unsaved_cases = dict(unsaved_cases or {})
         self._land_case_events(cur, run_id, case_events, unsaved_cases)
+        own_rows = case_row_id(run_id, "")
         for row_id, save_error in unsaved_cases.items():
-            name = row_id.split("/", 1)[-1]
+            if not row_id.startswith(own_rows):  # another run's row is never this run's to close
+                continue
+            name = row_id[len(own_rows):]
             self._write_cases(
                 cur,
                 "INSERT INTO eval_cases (id, run_id, name, status, created_at, started_at, completed_at, error, cause) "
                 "VALUES (?, ?, ?, 'failed', ?, ?, ?, ?, ?) "
                 "ON CONFLICT (id) DO UPDATE SET status = 'failed', completed_at = excluded.completed_at, "
-                "error = excluded.error, cause = excluded.cause WHERE eval_cases.status = 'running'",
+                "error = excluded.error, cause = excluded.cause "
+                "WHERE eval_cases.status = 'running' AND eval_cases.run_id = excluded.run_id",
                 [row_id, run_id, name, now, now, now, f"case result could not be saved: {save_error}",
                  Cause.CASE_SAVE_FAILED.value],
             )
@@ -1175,7 +1180,8 @@ def _case_rows_upsert(run_id: str | None, now: datetime, events: Sequence[CaseEv
     GIL the runner's event loop needs), so a column that is NULL in every
     row is sent as a constant, timestamps as epoch seconds (a float converts
     several times faster than a datetime), and the row id is built in SQL.
-    A terminal case row is never overwritten (the WHERE on the update).
+    A terminal case row is never overwritten, nor a row of another run (the
+    WHERE on the update): a row id that another run wrote first stays its.
     """
     params: list[object] = [run_id, now]
     selected = []
@@ -1200,7 +1206,8 @@ def _case_rows_upsert(run_id: str | None, now: datetime, events: Sequence[CaseEv
     sql = (
         f"INSERT INTO eval_cases (id, run_id, created_at, {names}) "
         f"SELECT {run} || '/' || name, {run}, $2, {names} FROM (SELECT {', '.join(selected)}) "
-        f"ON CONFLICT (id) DO UPDATE SET {updated} WHERE eval_cases.status = 'running'"
+        f"ON CONFLICT (id) DO UPDATE SET {updated} "
+        f"WHERE eval_cases.status = 'running' AND eval_cases.run_id = excluded.run_id"
     )
     return sql, params
 

@@ -6,12 +6,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from ..models import LockPolicy
+from ..models import LockPolicy, RunStatus
 from ..owner import Owner
 from ..scope import Scope
 from ..timing import DEADLINE_GRACE_S
 
 MAX_OUTPUT_CHARS = 64 * 1024
+MAX_TEXT_CHARS = 1024 * 1024  # a case's error or detail: the store API refuses longer ones
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,17 @@ class Admission:
     replaced: tuple[RunRow, ...] = ()
 
 
+@dataclass(frozen=True)
+class FinishRequest:
+    """A runner's own close of its run, as the store service receives it."""
+
+    status: RunStatus
+    cause: str | None = None
+    error: str | None = None
+    unsaved_cases: dict[str, str] = field(default_factory=dict)  # case row id -> why its save failed
+    case_events: list[CaseEvent] = field(default_factory=list)  # latest states of rows whose saves failed
+
+
 @dataclass
 class SaveReport:
     failures: dict[str, str] = field(default_factory=dict)  # case row id -> error text
@@ -184,6 +196,15 @@ def clip_output(value: Any) -> str | None:
     if len(text) > MAX_OUTPUT_CHARS:
         return text[:MAX_OUTPUT_CHARS] + f"… [truncated, {len(text)} chars]"
     return text
+
+
+def clip_text(text: str | None) -> str | None:
+    """An error or detail text within what the store accepts, saying how long it was (a huge exception
+    message must fail nothing but its own text)."""
+    if text is None or len(text) <= MAX_TEXT_CHARS:
+        return text
+    suffix = f"… [truncated, {len(text)} chars]"
+    return text[: MAX_TEXT_CHARS - len(suffix)] + suffix
 
 
 def _json(value: Any) -> str:
