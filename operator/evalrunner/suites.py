@@ -8,6 +8,8 @@ file (`dataset:`) gets them here (`datasets.read_cases`), so the runner sees
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -35,19 +37,38 @@ class SuiteFileError(ValueError):
 
 def load_suite(path: str | Path) -> Suite:
     source = str(path)
-    try:
-        raw = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise SuiteFileError(source, [("", "file not found")]) from None
-    except OSError as exc:
-        raise SuiteFileError(source, [("", f"cannot read file: {exc.strerror}")]) from None
-    if len(raw) > MAX_SUITE_BYTES:
-        raise SuiteFileError(source, [("", f"file is {len(raw)} bytes; the limit is {MAX_SUITE_BYTES}")])
+    raw = _read_at_most(path, MAX_SUITE_BYTES, source)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise SuiteFileError(source, [("", f"not UTF-8 text (byte {exc.start})")]) from None
     return parse_suite(text, source, base_dir=Path(path).parent)
+
+
+def _read_at_most(path: str | Path, limit: int, source: str) -> bytes:
+    """The file's bytes, reading no more than `limit` + 1 of them: a device or a huge file never fills memory.
+
+    Only a regular file is read: a device never ends, and opening a pipe with no writer never returns.
+    """
+    try:
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            raise SuiteFileError(source, [("", f"not a regular file ({_kind_of_file(mode)}); give a suite file")])
+        with open(path, "rb") as file:
+            raw = file.read(limit + 1)
+    except FileNotFoundError:
+        raise SuiteFileError(source, [("", "file not found")]) from None
+    except OSError as exc:
+        raise SuiteFileError(source, [("", f"cannot read file: {exc.strerror}")]) from None
+    if len(raw) > limit:
+        raise SuiteFileError(source, [("", f"file is larger than the limit of {limit // 2**20} MiB")])
+    return raw
+
+
+def _kind_of_file(mode: int) -> str:
+    kinds = [(stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISFIFO, "a pipe"), (stat.S_ISSOCK, "a socket")]
+    return next((name for test, name in kinds if test(mode)), "not a plain file")
 
 
 def parse_suite(text: str, source: str = "<suite>", base_dir: str | Path | None = None) -> Suite:

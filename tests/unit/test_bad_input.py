@@ -1,0 +1,110 @@
+"""Bad input to suite files, databases and the CLI, given to the real `evalrunner` command.
+
+Each is refused with exit 2 and a message that names the file and the field
+(or the argument), never a traceback, and nothing already stored is lost:
+the database keeps its runs, and a file that is not a usable database is
+left byte for byte as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import sqlite3
+import subprocess
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from helpers import EXAMPLES, cli_args, cli_env, copy_example_targets, read_run, read_runs, run_cli, write_suite
+
+SMOKE = EXAMPLES / "smoke.yaml"
+MIXED = EXAMPLES / "mixed.yaml"
+HEAD = "name: x\ntarget: {command: {argv: [cat]}}\n"
+# A refused input must not make the CLI grow past this, whatever the input asks for.
+MEMORY_CAP_BYTES = 1024 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Recorded:
+    db: Path
+    run_id: str
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory: pytest.TempPathFactory) -> Recorded:
+    """A database holding one finished run, which no refused command may lose or change."""
+    db = tmp_path_factory.mktemp("recorded") / "runs.duckdb"
+    result = run_cli(["run", SMOKE, "--json"], db)
+    assert result.returncode == 0, result.stderr
+    return Recorded(db, json.loads(result.stdout)["run"]["id"])
+
+
+def assert_refused(result: subprocess.CompletedProcess[str], *said: str) -> None:
+    assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
+    assert "Traceback" not in result.stderr and 'File "' not in result.stderr, result.stderr[-3000:]
+    for text in said:
+        assert text in result.stderr, (text, result.stderr[-3000:])
+
+
+def assert_nothing_lost(recorded: Recorded) -> None:
+    assert [r.id for r in read_runs(recorded.db)] == [recorded.run_id]
+    run = read_run(recorded.db, recorded.run_id)
+    assert run is not None and (run.status, run.passed) == ("completed", 6)
+
+
+def run_capped(args: list[str], db: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """`evalrunner` under an address-space cap, so an input that asks for unbounded memory fails the test,
+    not the machine."""
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (MEMORY_CAP_BYTES, MEMORY_CAP_BYTES))
+
+    return subprocess.run(cli_args(args, db, None), capture_output=True, text=True, env=cli_env(), timeout=timeout,
+                          preexec_fn=cap)
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ---------------------------------------------------------------- suite files
+
+
+def test_a_device_as_suite_file_is_refused_without_reading_it(recorded: Recorded) -> None:
+    result = run_capped(["run", "/dev/zero"], recorded.db)
+    assert_refused(result, "/dev/zero: not a regular file")
+    assert_nothing_lost(recorded)
+
+
+def test_an_oversized_suite_file_is_refused_after_reading_no_more_than_the_limit(
+        tmp_path: Path, recorded: Recorded) -> None:
+    huge = tmp_path / "huge.yaml"
+    with huge.open("wb") as file:
+        file.truncate(4 * 1024**3)  # sparse: 4 GiB to read, none of it on disk
+    result = run_capped(["run", huge], recorded.db)
+    assert_refused(result, f"{huge}: file is larger than the limit of 16 MiB")
+    assert_nothing_lost(recorded)
+
+
+# ---------------------------------------------------------------- databases
+
+
+def truncated_database(tmp_path: Path, size: int) -> Path:
+    whole = tmp_path / "whole.duckdb"
+    assert run_cli(["run", SMOKE], whole).returncode == 0
+    cut = tmp_path / "cut.duckdb"
+    cut.write_bytes(whole.read_bytes()[:size])
+    return cut
+
+
+# ---------------------------------------------------------------- arguments
+
+
+# ---------------------------------------------------------------- reports
+
+
