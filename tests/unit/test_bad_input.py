@@ -75,6 +75,13 @@ def file_digest(path: Path) -> str:
 # ---------------------------------------------------------------- suite files
 
 
+def test_deeply_nested_input_is_refused_naming_the_depth_limit(tmp_path: Path, recorded: Recorded) -> None:
+    suite = write_suite(tmp_path, HEAD + "cases:\n  - id: a\n    input: " + "[" * 500 + "]" * 500 + "\n")
+    result = run_cli(["run", suite], recorded.db, log_format=None)
+    assert_refused(result, f"{suite}: cases[0 (id=a)].input", "nested deeper than 100 levels")
+    assert_nothing_lost(recorded)
+
+
 def test_a_device_as_suite_file_is_refused_without_reading_it(recorded: Recorded) -> None:
     result = run_capped(["run", "/dev/zero"], recorded.db)
     assert_refused(result, "/dev/zero: not a regular file")
@@ -88,6 +95,24 @@ def test_an_oversized_suite_file_is_refused_after_reading_no_more_than_the_limit
         file.truncate(4 * 1024**3)  # sparse: 4 GiB to read, none of it on disk
     result = run_capped(["run", huge], recorded.db)
     assert_refused(result, f"{huge}: file is larger than the limit of 16 MiB")
+    assert_nothing_lost(recorded)
+
+
+def test_billion_laughs_is_refused_quickly_and_in_bounded_memory(tmp_path: Path, recorded: Recorded) -> None:
+    lines = ["cases:", "  - id: a", "    metadata:", "      l0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    for level in range(1, 9):
+        lines.append(f"      l{level}: &l{level} [" + ", ".join([f"*l{level - 1}"] * 9) + "]")
+    lines.append("    input: [" + ", ".join(["*l8"] * 9) + "]")
+    suite = write_suite(tmp_path, HEAD + "\n".join(lines) + "\n")
+    result = run_capped(["run", suite], recorded.db, timeout=30)
+    assert_refused(result, f"{suite}: cases[0 (id=a)]", "aliases expand the suite by more than 1000000 values")
+    assert_nothing_lost(recorded)
+
+
+def test_a_key_given_twice_is_refused_naming_the_key_and_its_lines(tmp_path: Path, recorded: Recorded) -> None:
+    suite = write_suite(tmp_path, HEAD + "cases:\n  - id: a\n    input: b\n    input: c\n")
+    result = run_cli(["run", suite], recorded.db, log_format=None)
+    assert_refused(result, f"{suite}: cases[0 (id=a)].input: given twice (lines 5 and 6)")
     assert_nothing_lost(recorded)
 
 
