@@ -8,6 +8,7 @@ file (`dataset:`) gets them here (`datasets.read_cases`), so the runner sees
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from pathlib import Path
@@ -105,6 +106,9 @@ def suite_from_data(data: Any, source: str = "<suite>", base_dir: str | Path | N
     return suite
 
 
+# Numbers and flags are strict (models.py): say what was expected and what the file gave.
+STRICT_TYPES = {"float_type": "a number", "int_type": "a whole number", "bool_type": "true or false"}
+
 # pydantic reports a value outside `JsonValue` once per union member (`.str`,
 # `.int`, ...); those tags in a path mark errors to fold into one message.
 JSON_UNION_TAGS = {"str", "int", "float", "bool", "list[any]", "dict[str,any]"}
@@ -151,6 +155,8 @@ def _describe(err: dict[str, Any], data: Any) -> tuple[str, str]:
         msg = "unknown field"
     elif kind == "literal_error" and path.endswith("name"):
         msg = f"unknown scorer {err.get('input')!r}; expected one of exact, contains, regex, json_equal, numeric, custom"
+    elif kind in STRICT_TYPES and isinstance(err.get("input"), (bool, int, float, str)):
+        msg = f"must be {STRICT_TYPES[kind]}; got {json.dumps(err['input'])}"
     elif kind == "string_pattern_mismatch":
         msg = f"{err.get('input')!r} does not match the pattern {err.get('ctx', {}).get('pattern')}"
     return path, msg

@@ -109,6 +109,13 @@ def test_billion_laughs_is_refused_quickly_and_in_bounded_memory(tmp_path: Path,
     assert_nothing_lost(recorded)
 
 
+def test_a_boolean_is_not_a_number_of_seconds(tmp_path: Path, recorded: Recorded) -> None:
+    suite = write_suite(tmp_path, HEAD + "timeout_seconds: true\ncases: [{id: a, input: b}]\n")
+    result = run_cli(["run", suite], recorded.db, log_format=None)
+    assert_refused(result, f"{suite}: timeout_seconds: must be a number; got true")
+    assert_nothing_lost(recorded)
+
+
 def test_a_key_given_twice_is_refused_naming_the_key_and_its_lines(tmp_path: Path, recorded: Recorded) -> None:
     suite = write_suite(tmp_path, HEAD + "cases:\n  - id: a\n    input: b\n    input: c\n")
     result = run_cli(["run", suite], recorded.db, log_format=None)
