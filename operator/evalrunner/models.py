@@ -188,6 +188,16 @@ class Target(Frozen):
 # ---------------------------------------------------------------- scorers
 
 ScorerName = Literal["exact", "contains", "regex", "json_equal", "numeric", "custom", "judge"]
+# The options each scorer reads. Any other one is refused: `tolerance` on an exact scorer would do nothing.
+SCORER_OPTIONS: dict[str, tuple[str, ...]] = {
+    "exact": ("case_sensitive", "strip"),
+    "contains": ("case_sensitive",),
+    "regex": ("case_sensitive",),
+    "json_equal": (),
+    "numeric": ("tolerance", "relative_tolerance"),
+    "custom": ("callable",),
+    "judge": ("http", "rubric", "max_score", "threshold"),
+}
 # A rubric is a prompt, not a document; the bound keeps EvalRun objects small.
 MAX_RUBRIC_CHARS = 20_000
 
@@ -214,6 +224,15 @@ class Scorer(Frozen):
                     "rule": "(self.name == 'judge') == has(self.http)",
                     "message": "the judge scorer needs `http` (the model that grades), and only the judge scorer "
                     "takes one",
+                },
+                {
+                    "rule": "(self.name in ['exact', 'contains', 'regex'] || !has(self.caseSensitive)) "
+                    "&& (self.name == 'exact' || !has(self.strip)) "
+                    "&& (self.name == 'numeric' || !(has(self.tolerance) || has(self.relativeTolerance))) "
+                    "&& (self.name == 'judge' || !(has(self.rubric) || has(self.maxScore) || has(self.threshold)))",
+                    "message": "a scorer takes only its own options: exact: caseSensitive, strip; contains and regex: "
+                    "caseSensitive; numeric: tolerance, relativeTolerance; custom: callable; judge: http, rubric, "
+                    "maxScore, threshold",
                 },
             ]
         }
@@ -278,6 +297,14 @@ class Scorer(Frozen):
             raise ValueError(f"`http` only applies to the judge scorer, not `{self.name}`")
         if self.rubric is not None and "{output}" not in self.rubric:
             raise ValueError("a judge rubric needs the placeholder {output}, or the judge never sees the output")
+        own = SCORER_OPTIONS[self.name]
+        foreign = sorted(self.model_fields_set - {"name"} - set(own))
+        if foreign:
+            raise ValueError(
+                f"the {self.name} scorer has no option{'s' if len(foreign) > 1 else ''} "
+                + ", ".join(f"`{option}`" for option in foreign) + "; "
+                + (f"its options are {', '.join(own)}" if own else "it takes none")
+            )
         return self
 
 

@@ -123,6 +123,15 @@ def test_a_key_given_twice_is_refused_naming_the_key_and_its_lines(tmp_path: Pat
     assert_nothing_lost(recorded)
 
 
+def test_an_option_the_scorer_does_not_have_is_refused_listing_its_options(
+        tmp_path: Path, recorded: Recorded) -> None:
+    suite = write_suite(tmp_path, HEAD + "cases: [{id: a, input: b, expected: b, scorer: {name: exact, tolerance: 1}}]\n")
+    result = run_cli(["run", suite], recorded.db, log_format=None)
+    assert_refused(result, f"{suite}: cases[0 (id=a)].scorer: the exact scorer has no option `tolerance`; "
+                           "its options are case_sensitive, strip")
+    assert_nothing_lost(recorded)
+
+
 # ---------------------------------------------------------------- databases
 
 
