@@ -132,6 +132,15 @@ def test_an_option_the_scorer_does_not_have_is_refused_listing_its_options(
     assert_nothing_lost(recorded)
 
 
+def test_a_deeply_nested_dataset_value_is_refused_naming_its_line(tmp_path: Path, recorded: Recorded) -> None:
+    rows = tmp_path / "cases.jsonl"
+    rows.write_text('{"id": "a", "input": "x"}\n{"id": "b", "input": ' + "[" * 5000 + "]" * 5000 + "}\n")
+    suite = write_suite(tmp_path, HEAD + "dataset: {path: cases.jsonl}\n")
+    result = run_cli(["run", suite], recorded.db, log_format=None)
+    assert_refused(result, f"{suite}: dataset[line 2 (id=b)].input: nested deeper than 100 levels")
+    assert_nothing_lost(recorded)
+
+
 # ---------------------------------------------------------------- databases
 
 
