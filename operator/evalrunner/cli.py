@@ -23,6 +23,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import duckdb
+
 # Imported here: what every local command needs. The store service, the controller, the HTTP
 # store client and the doctor are imported by their commands, so `run` and `runs` start fast.
 from . import __version__, admission, local_server, log, output, recovery, report, summary
@@ -32,7 +34,7 @@ from .timing import (API_REQUEST_TIMEOUT_S, DEADLINE_GRACE_S, HEARTBEAT_LEASE_S,
                      SHUTDOWN_DEFER_S, SWEEP_INTERVAL_S)
 from .owner import pod_from_env, this_process
 from .store import DuckDBStore, StoreError
-from .store.errors import StoreLockedError
+from .store.errors import StoreFileUnusable, StoreLockedError, translate
 from .store.duckdb_store import utcnow
 from .store.records import RunRow, StrandedCases
 from .suites import SuiteFileError, load_suite
@@ -517,6 +519,8 @@ def dispatch(args: argparse.Namespace, argv: Sequence[str]) -> int:
         return _through_server(server, argv, fail)
     except SuiteFileError as exc:
         return fail(str(exc), EXIT_BAD_INPUT)
+    except StoreFileUnusable as exc:
+        return fail(str(exc), EXIT_BAD_INPUT)
     except (UsageError, ResumeError) as exc:
         return fail(str(exc), EXIT_BAD_INPUT)
     except admission.RunRefused as exc:
@@ -525,6 +529,11 @@ def dispatch(args: argparse.Namespace, argv: Sequence[str]) -> int:
         return fail(str(exc), EXIT_NOT_RECORDED)
     except StoreError as exc:
         return fail(str(exc), EXIT_NOT_RECORDED)
+    except duckdb.Error as exc:  # a read of a damaged file, past the checks at open
+        translated = translate(exc, args.db)
+        if translated is None:
+            raise
+        return fail(str(translated), EXIT_BAD_INPUT if isinstance(translated, StoreFileUnusable) else EXIT_NOT_RECORDED)
     except _target_errors() as exc:
         return fail(f"{args.__dict__.get('suite', 'suite')}: target: {exc}", EXIT_BAD_INPUT)
 

@@ -152,6 +152,44 @@ def truncated_database(tmp_path: Path, size: int) -> Path:
     return cut
 
 
+@pytest.mark.parametrize("size", [20_000, 300_000])
+@pytest.mark.parametrize("command", [["doctor"], ["runs"], ["verify"], ["show", "2026"]])
+def test_a_truncated_database_is_named_as_such_and_left_untouched(tmp_path: Path, size: int, command: list[str]) -> None:
+    db = truncated_database(tmp_path, size)
+    before = file_digest(db)
+    result = run_cli(command, db, log_format=None)
+    assert_refused(result, f"the file at {db} is not a readable DuckDB database (truncated or corrupt")
+    assert file_digest(db) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.duckdb", "whole.duckdb", "whole.duckdb.reserve"]
+
+
+def test_a_sqlite_file_is_named_as_such_without_any_download(tmp_path: Path) -> None:
+    db = tmp_path / "other.db"
+    with sqlite3.connect(db) as con:
+        con.execute("CREATE TABLE t (x)")
+    before = file_digest(db)
+    offline = {"HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9", "HOME": str(tmp_path)}
+    for command in (["runs"], ["run", str(SMOKE)]):
+        result = run_cli(command, db, env=offline, log_format=None)
+        assert_refused(result, f"{db} is not a DuckDB database (it is a SQLite database)")
+        assert "extension" not in result.stderr.lower()
+    assert file_digest(db) == before
+    assert not (tmp_path / ".duckdb").exists(), "nothing was installed"
+
+
+def test_the_store_never_loads_or_installs_extensions_by_itself(tmp_path: Path) -> None:
+    from evalrunner.store import DuckDBStore
+
+    store = DuckDBStore.open(tmp_path / "db.duckdb")
+    try:
+        settings = store._cur().execute(
+            "SELECT current_setting('autoload_known_extensions'), current_setting('autoinstall_known_extensions')"
+        ).fetchone()
+    finally:
+        store.close()
+    assert settings == (False, False)
+
+
 # ---------------------------------------------------------------- arguments
 
 
