@@ -28,6 +28,7 @@ import duckdb
 # Imported here: what every local command needs. The store service, the controller, the HTTP
 # store client and the doctor are imported by their commands, so `run` and `runs` start fast.
 from . import __version__, admission, local_server, log, output, recovery, report, summary
+from .arguments import PORT, SECONDS, number, whole_number
 from .models import RunStatus, Suite
 from .runner import ResumeError, RunOptions, RunResult, StatusWriteFailed, run_suite
 from .timing import (API_REQUEST_TIMEOUT_S, DEADLINE_GRACE_S, HEARTBEAT_LEASE_S, JOB_TTL_S, SCAN_INTERVAL_S,
@@ -61,6 +62,8 @@ class UsageError(Exception):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.junit is not None:
+        refuse_unwritable("--junit", args.junit)  # before the run: a report it cannot write would fail it
     suite = load_suite(args.suite)
     try:
         with open_store(args) as store:
@@ -372,8 +375,20 @@ def resolve_run_id(store: DuckDBStore, text: str) -> RunRow:
     raise UsageError(f"run id prefix {text!r} is ambiguous: {', '.join(m.id for m in matches)}")
 
 
+def refuse_unwritable(option: str, path: str) -> None:
+    """A UsageError unless a file can be written at `path` (its directory exists and is writable)."""
+    target = Path(path)
+    directory = target.parent
+    if target.is_dir():
+        raise UsageError(f"{option}: cannot write {path}: it is a directory")
+    if not directory.is_dir():
+        raise UsageError(f"{option}: cannot write {path}: no such directory {directory}")
+    if not os.access(directory, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise UsageError(f"{option}: cannot write {path}: permission denied")
+
+
 def add_retention_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--retain-days", type=float, default=0, metavar="N",
+    p.add_argument("--retain-days", type=number("days"), default=0, metavar="N",
                    help="delete completed and failed runs (with their cases) that ended more than N days ago, "
                         "hourly; never a running one (default 0: keep everything)")
 
@@ -382,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--db", default=argparse.SUPPRESS, help=f"DuckDB file (default: {default_db_path()})")
     common.add_argument("--log-format", choices=log.LOG_FORMATS, default=argparse.SUPPRESS)
-    common.add_argument("--log-level", default=argparse.SUPPRESS, help="debug, info, warning, error")
+    common.add_argument("--log-level", type=str.lower, choices=log.LOG_LEVELS, default=argparse.SUPPRESS)
     common.add_argument("--no-recover", action="store_true", default=argparse.SUPPRESS,
                         help="do not terminate orphaned runs on open (inspect only)")
 
@@ -403,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the run and its cases as JSON")
     p.add_argument("--junit", metavar="PATH", help="also write JUnit XML to PATH")
     p.add_argument("--resume", metavar="RUN_ID", help="new attempt that carries over RUN_ID's completed cases")
-    p.add_argument("--deadline-grace", type=float, default=DEADLINE_GRACE_S, metavar="S",
+    p.add_argument("--deadline-grace", type=SECONDS, default=DEADLINE_GRACE_S, metavar="S",
                    help="seconds added to timeout_seconds * cases for the run's deadline (default %(default)s)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
@@ -413,21 +428,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="store service URL (default $EVALRUNNER_STORE_URL); token from $EVALRUNNER_STORE_TOKEN")
     p.add_argument("--run-id", help="the run id the controller chose for this attempt")
     p.add_argument("--resume", metavar="RUN_ID", help="carry over RUN_ID's completed cases")
-    p.add_argument("--deadline-grace", type=float, default=DEADLINE_GRACE_S, metavar="S")
+    p.add_argument("--deadline-grace", type=SECONDS, default=DEADLINE_GRACE_S, metavar="S")
     p.add_argument("--termination-log", default=os.environ.get("EVALRUNNER_TERMINATION_LOG", "/dev/termination-log"),
                    help="where the final summary goes (the container's terminationMessagePath)")
-    p.add_argument("--shutdown-defer", type=float, default=SHUTDOWN_DEFER_S, metavar="S",
+    p.add_argument("--shutdown-defer", type=SECONDS, default=SHUTDOWN_DEFER_S, metavar="S",
                    help="on SIGTERM, wait this long for the controller to record why before writing "
                         "shutdown_requested (default %(default)s)")
 
     p = add("serve", cmd_serve, "serve the /evals page, /metrics and the store API for a local database file")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--port", type=PORT, default=8080)
     p.add_argument("--admin-token-env", default="EVALRUNNER_ADMIN_TOKEN", metavar="VAR",
                    help="environment variable holding the admin token, which also enables the page's "
                         "terminate action (default %(default)s)")
     add_retention_flag(p)
-    p.add_argument("--sweep-interval", type=float, default=SWEEP_INTERVAL_S, metavar="S",
+    p.add_argument("--sweep-interval", type=SECONDS, default=SWEEP_INTERVAL_S, metavar="S",
                    help="seconds between background sweeps for orphaned runs; 0 disables them (default %(default)s)")
 
     p = add("controller", cmd_controller, "run the Kubernetes operator and the store service")
@@ -436,28 +451,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--namespace", action="append", metavar="NS",
                    help="watch this namespace; repeat for several (default: every namespace)")
     p.add_argument("--host", default="0.0.0.0", help="store service address (default %(default)s)")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--port", type=PORT, default=8080)
     p.add_argument("--store-url-for-pods", metavar="URL",
                    help="the store service URL as runner pods reach it (default http://HOST:PORT)")
     p.add_argument("--admin-token-env", default="EVALRUNNER_ADMIN_TOKEN", metavar="VAR")
-    p.add_argument("--scan-interval", type=float, default=SCAN_INTERVAL_S, metavar="S",
+    p.add_argument("--scan-interval", type=SECONDS, default=SCAN_INTERVAL_S, metavar="S",
                    help="how often pods are classified against the clock (default %(default)s)")
-    p.add_argument("--sweep-interval", type=float, default=SWEEP_INTERVAL_S, metavar="S")
-    p.add_argument("--heartbeat-timeout", type=float, default=HEARTBEAT_LEASE_S, metavar="S")
-    p.add_argument("--job-ttl", type=float, default=JOB_TTL_S, metavar="S",
+    p.add_argument("--sweep-interval", type=SECONDS, default=SWEEP_INTERVAL_S, metavar="S")
+    p.add_argument("--heartbeat-timeout", type=SECONDS, default=HEARTBEAT_LEASE_S, metavar="S")
+    p.add_argument("--job-ttl", type=number("seconds", minimum=-1), default=JOB_TTL_S, metavar="S",
                    help="delete a finished runner Job (and its pod) this long after its run row closed; "
                         "-1 keeps them (default %(default)s)")
     p.add_argument("--runner-image", default=os.environ.get("EVALRUNNER_RUNNER_IMAGE", f"evalrunner:{__version__}"),
                    metavar="IMAGE", help="the image of runner pods whose EvalRun names none: the controller's own "
                                          "(the Helm chart passes it; default %(default)s)")
-    p.add_argument("--api-timeout", type=float, default=API_REQUEST_TIMEOUT_S, metavar="S",
+    p.add_argument("--api-timeout", type=SECONDS, default=API_REQUEST_TIMEOUT_S, metavar="S",
                    help="give up on a Kubernetes API request after this long (default %(default)s)")
     add_retention_flag(p)
 
     p = add("runs", cmd_runs, "list runs, newest first")
     p.add_argument("--status", choices=[s.value for s in RunStatus])
     p.add_argument("--suite")
-    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--limit", type=whole_number(1), default=50)
     p.add_argument("--json", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true", help="run ids only, one a line (for scripts)")
 
@@ -478,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="even if its owner process is alive")
 
     p = add("sweep", cmd_sweep, "terminate runs whose owner died, whose heartbeat lapsed or deadline passed")
-    p.add_argument("--heartbeat-timeout", type=float, default=HEARTBEAT_LEASE_S, metavar="S")
+    p.add_argument("--heartbeat-timeout", type=SECONDS, default=HEARTBEAT_LEASE_S, metavar="S")
 
     add("verify", cmd_verify, "the runbook's Verify: exit non-zero if any run is stuck at running")
     add("doctor", cmd_doctor, "check the database: lock holder, writability, free disk, schema version")

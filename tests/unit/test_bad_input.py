@@ -193,6 +193,23 @@ def test_the_store_never_loads_or_installs_extensions_by_itself(tmp_path: Path) 
 # ---------------------------------------------------------------- arguments
 
 
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        pytest.param(["runs", "--limit", "-1"], "--limit: must be a whole number of at least 1, not '-1'", id="limit"),
+        pytest.param(["--log-level", "bogus", "runs"], "--log-level: invalid choice: 'bogus'", id="log-level"),
+        pytest.param(["run", str(SMOKE), "--deadline-grace", "nan"],
+                     "--deadline-grace: must be a number of seconds, 0 or more, not 'nan'", id="deadline-grace"),
+        pytest.param(["run", str(SMOKE), "--junit", "/nonexistent/dir/x.xml"],
+                     "--junit: cannot write /nonexistent/dir/x.xml: no such directory /nonexistent/dir", id="junit"),
+    ],
+)
+def test_a_bad_argument_is_refused_before_anything_runs(args: list[str], said: str, recorded: Recorded) -> None:
+    result = run_cli(args, recorded.db, log_format=None)
+    assert_refused(result, said)
+    assert_nothing_lost(recorded)
+
+
 # ---------------------------------------------------------------- reports
 
 
