@@ -88,7 +88,7 @@ def _run(args: argparse.Namespace, suite: Suite, store: Any, make_room: Callable
         quiet = log.PER_CASE_EVENTS if args.log_format == "console" else frozenset()
         log.configure(args.log_format, args.log_level, stream=bar.log_stream(), quiet=quiet)
     options = RunOptions(
-        resume_from=resolve_run_id(store, args.resume).id if args.resume else None,
+        resume_from=resolve_run_id(store, args.resume).id if args.resume is not None else None,
         deadline_grace_s=args.deadline_grace,
         source=str(Path(args.suite).resolve()),
         search_path=(str(Path(args.suite).resolve().parent),),
@@ -364,6 +364,8 @@ class open_store:
 
 
 def resolve_run_id(store: DuckDBStore, text: str) -> RunRow:
+    if not text.strip():
+        raise UsageError("a run id cannot be empty (an empty prefix would match any run)")
     run = store.get_run(text)
     if run:
         return run

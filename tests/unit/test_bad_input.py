@@ -210,6 +210,14 @@ def test_a_bad_argument_is_refused_before_anything_runs(args: list[str], said: s
     assert_nothing_lost(recorded)
 
 
+@pytest.mark.parametrize("args", [["show", ""], ["recover", ""], ["run", str(SMOKE), "--resume", ""]],
+                         ids=["show", "recover", "resume"])
+def test_an_empty_run_id_is_bad_input(args: list[str], recorded: Recorded) -> None:
+    result = run_cli(args, recorded.db, log_format=None)
+    assert_refused(result, "a run id cannot be empty")
+    assert_nothing_lost(recorded)
+
+
 # ---------------------------------------------------------------- reports
 
 
