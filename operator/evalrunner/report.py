@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import threading
 import time
@@ -233,7 +234,7 @@ def _seconds(value: float | None) -> str | None:
 def junit_xml(run: RunRow, cases: Sequence[CaseRow]) -> bytes:
     suite_el = ET.Element(
         "testsuite",
-        name=run.suite,
+        name=xml_text(run.suite),
         tests=str(len(cases)),
         failures=str(sum(1 for c in cases if verdict(c) == "fail")),
         errors=str(sum(1 for c in cases if verdict(c) in ("error", "running"))),
@@ -243,19 +244,31 @@ def junit_xml(run: RunRow, cases: Sequence[CaseRow]) -> bytes:
     props = ET.SubElement(suite_el, "properties")
     for key in ("id", "status", "cause", "attempt", "parent_run_id"):
         value = getattr(run, key)
-        ET.SubElement(props, "property", name=f"run.{key}", value="" if value is None else str(value))
+        ET.SubElement(props, "property", name=f"run.{key}", value="" if value is None else xml_text(str(value)))
     for case in cases:
         el = ET.SubElement(
-            suite_el, "testcase", classname=run.suite, name=case.name, time=f"{(case.duration_ms or 0) / 1000:.3f}"
+            suite_el, "testcase", classname=xml_text(run.suite), name=xml_text(case.name),
+            time=f"{(case.duration_ms or 0) / 1000:.3f}",
         )
         v = verdict(case)
         if v == "fail":
-            ET.SubElement(el, "failure", message=case.detail or "output did not match").text = case.output or ""
+            failure = ET.SubElement(el, "failure", message=xml_text(case.detail or "output did not match"))
+            failure.text = xml_text(case.output or "")
         elif v in ("error", "running"):
-            ET.SubElement(el, "error", message=case.error or v, type=case.cause or "error")
+            ET.SubElement(el, "error", message=xml_text(case.error or v), type=xml_text(case.cause or "error"))
         if case.output:
-            ET.SubElement(el, "system-out").text = case.output
+            ET.SubElement(el, "system-out").text = xml_text(case.output)
     return ET.tostring(ET.ElementTree(suite_el).getroot(), encoding="utf-8", xml_declaration=True)
+
+
+# Characters XML 1.0 cannot hold, even escaped. A target's output may hold any (a terminal colour
+# escape is \x1b), and a single one would make the whole report unreadable to a CI system.
+_NOT_IN_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def xml_text(text: str) -> str:
+    """`text` with each character XML cannot hold written out as its escape (`\\x1b`), visibly."""
+    return _NOT_IN_XML.sub(lambda found: ascii(found.group())[1:-1], text)
 
 
 def dumps(data: Any) -> str:

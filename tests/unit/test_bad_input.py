@@ -221,3 +221,16 @@ def test_an_empty_run_id_is_bad_input(args: list[str], recorded: Recorded) -> No
 # ---------------------------------------------------------------- reports
 
 
+def test_junit_xml_stays_well_formed_with_terminal_escapes_in_an_output(tmp_path: Path) -> None:
+    suite = write_suite(tmp_path, """\
+        name: colours
+        target: {command: {argv: ["printf", "\\x1b[31mred\\x1b[0m\\x01"]}}
+        cases: [{id: a, input: x, expected: green}]
+        """)
+    report = tmp_path / "report.xml"
+    result = run_cli(["run", suite, "--junit", report], tmp_path / "db.duckdb", log_format=None)
+    assert result.returncode == 1, result.stderr  # the case failed: its output is not "green"
+    (case,) = ET.parse(report).getroot().iter("testcase")
+    assert case.find("system-out").text == "\\x1b[31mred\\x1b[0m\\x01"
+
+
