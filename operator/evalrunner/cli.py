@@ -37,7 +37,7 @@ from .owner import pod_from_env, this_process
 from .store import DuckDBStore, StoreError
 from .store.errors import StoreFileUnusable, StoreLockedError, translate
 from .store.duckdb_store import utcnow
-from .store.records import RunRow, StrandedCases
+from .store.records import CaseRow, RunRow, StrandedCases
 from .suites import SuiteFileError, load_suite
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_NOT_RECORDED, EXIT_REFUSED = 0, 1, 2, 3, 4
@@ -97,16 +97,34 @@ def _run(args: argparse.Namespace, suite: Suite, store: Any, make_room: Callable
     )
     try:
         result = asyncio.run(run_suite(suite, store, options, progress=lambda _id, o: bar.update(o.verdict)))
+    except StatusWriteFailed as failed:
+        # The run happened; only its last write did not. Its reports still say what it did (exit 3 follows).
+        bar.finish()
+        if failed.run is not None and failed.unwritten is not None:
+            _report(args, *report.as_the_runner_meant(failed.run, failed.unwritten),
+                    status_write_failed=failed.unwritten.write_error)
+        raise
     finally:
         bar.finish()
-    cases = store.cases(result.run.id)
-    if args.junit:
-        Path(args.junit).write_bytes(report.junit_xml(result.run, cases))
-    if args.json:
-        print(report.dumps({"run": report.run_to_dict(result.run), "cases": [report.case_to_dict(c) for c in cases]}))
-    else:
-        print(report.run_summary_text(result.run, cases))
+    _report(args, result.run, store.cases(result.run.id))
     return run_exit_code(result)
+
+
+def _report(args: argparse.Namespace, run: RunRow, cases: Sequence[CaseRow],
+            status_write_failed: str | None = None) -> None:
+    """The run's reports: JUnit XML if asked for, and JSON or a table on stdout."""
+    if args.junit is not None:
+        Path(args.junit).write_bytes(report.junit_xml(run, cases, status_write_failed))
+    if args.json:
+        data: dict[str, Any] = {"run": report.run_to_dict(run), "cases": [report.case_to_dict(c) for c in cases]}
+        if status_write_failed is not None:
+            data["status_write_failed"] = status_write_failed
+        print(report.dumps(data))
+    else:
+        text = report.run_summary_text(run, cases)
+        if status_write_failed is not None:
+            text += f"\nnot recorded: the final status write failed ({status_write_failed})"
+        print(text)
 
 
 def cmd_run_suite(args: argparse.Namespace) -> int:

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sys
 import threading
 import time
 import xml.etree.ElementTree as ET
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any, Sequence, TextIO
 
 from .store.records import CaseRow, RunRow
+from .summary import RunSummary
 from .usage import NONE, Usage
 
 
@@ -231,7 +233,24 @@ def _seconds(value: float | None) -> str | None:
     return None if value is None else f"{value:.2f}"
 
 
-def junit_xml(run: RunRow, cases: Sequence[CaseRow]) -> bytes:
+def as_the_runner_meant(run: RunRow, unwritten: RunSummary) -> tuple[RunRow, list[CaseRow]]:
+    """The run (`run` is its row as opened) and the cases it ran, as its runner meant to record them when
+    the final status write failed: what the run's reports still say."""
+    now = datetime.now(timezone.utc)
+    meant = dataclasses.replace(
+        run, status=unwritten.status, cause=unwritten.cause, error=unwritten.error, passed=unwritten.passed,
+        failed=unwritten.failed, errored=unwritten.errored, completed_at=now, terminated_by="runner",
+    )
+    cases = [
+        CaseRow(ev.row_id, ev.run_id, ev.name, ev.status, ev.started_at, ev.started_at, ev.completed_at, ev.error,
+                ev.cause, ev.passed, ev.score, ev.output, ev.detail, ev.duration_ms, None, ev.prompt_tokens,
+                ev.completion_tokens, ev.total_tokens)
+        for ev in unwritten.case_events(now)
+    ]
+    return meant, cases
+
+
+def junit_xml(run: RunRow, cases: Sequence[CaseRow], status_write_failed: str | None = None) -> bytes:
     suite_el = ET.Element(
         "testsuite",
         name=xml_text(run.suite),
@@ -245,6 +264,8 @@ def junit_xml(run: RunRow, cases: Sequence[CaseRow]) -> bytes:
     for key in ("id", "status", "cause", "attempt", "parent_run_id"):
         value = getattr(run, key)
         ET.SubElement(props, "property", name=f"run.{key}", value="" if value is None else xml_text(str(value)))
+    if status_write_failed is not None:  # the status above is the one the runner meant, not the row's
+        ET.SubElement(props, "property", name="run.status_write_failed", value=xml_text(status_write_failed))
     for case in cases:
         el = ET.SubElement(
             suite_el, "testcase", classname=xml_text(run.suite), name=xml_text(case.name),

@@ -234,3 +234,17 @@ def test_junit_xml_stays_well_formed_with_terminal_escapes_in_an_output(tmp_path
     assert case.find("system-out").text == "\\x1b[31mred\\x1b[0m\\x01"
 
 
+def test_reports_say_what_the_run_did_when_its_final_status_write_fails(tmp_path: Path) -> None:
+    report = tmp_path / "report.xml"
+    result = run_cli(["run", MIXED, "--json", "--junit", report], tmp_path / "db.duckdb", log_format=None,
+                     env={"EVALRUNNER_FAULTS": "suite_status_write=*"})
+    assert result.returncode == 3, result.stderr
+    said = json.loads(result.stdout)
+    assert said["status_write_failed"].startswith("IOException: IO Error: injected fault at suite_status_write")
+    assert (said["run"]["status"], said["run"]["passed"], said["run"]["failed"], said["run"]["errored"]) == (
+        "completed", 2, 2, 2)
+    assert sorted(c["status"] for c in said["cases"]) == ["completed"] * 4 + ["failed"] * 2
+    root = ET.parse(report).getroot()
+    assert len(list(root.iter("testcase"))) == 6
+    properties = {p.get("name"): p.get("value") for p in root.iter("property")}
+    assert properties["run.status_write_failed"].startswith("IOException")
