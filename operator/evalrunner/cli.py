@@ -4,7 +4,8 @@ Exit codes:
   0  the run completed and every case passed (other commands: success; `compare`: no regression)
   1  a case failed or errored, or the run was terminated; `verify`/`doctor` found a problem;
      `compare` found a regression (a case that passed in the first run does not in the second)
-  2  bad input: a malformed suite file, an unknown or ambiguous run id, bad arguments;
+  2  bad input: a malformed suite file, an unknown, ambiguous or empty run id, bad arguments,
+     a --db file that is no usable DuckDB database (left untouched);
      `compare` given a run that is still running
   3  the run could not be recorded: the database is locked, unwritable or full,
      or the final status write failed (the row is closed by the next command)

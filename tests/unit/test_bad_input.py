@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import resource
 import sqlite3
 import subprocess
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import EXAMPLES, cli_args, cli_env, copy_example_targets, read_run, read_runs, run_cli, write_suite
+from helpers import EXAMPLES, cli_args, cli_env, read_run, read_runs, run_cli, write_suite
 
 SMOKE = EXAMPLES / "smoke.yaml"
 MIXED = EXAMPLES / "mixed.yaml"
