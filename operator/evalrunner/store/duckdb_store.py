@@ -167,6 +167,8 @@ class DuckDBStore:
             raise (errors.translate(exc, path) or errors.StoreError(f"cannot open database {path}: {exc}")) from exc
         store = cls(con, path, clock, faults)
         try:
+            if path != ":memory:":
+                file_check.refuse_missing_blocks(con, path)
             store._migrate()
         except errors.StoreError:
             con.close()

@@ -1,31 +1,26 @@
-"""Is the file at a database path one DuckDB can use? Read from its headers before DuckDB opens it.
+"""Is the file at a database path one DuckDB can use? Its headers, read before DuckDB opens it, and its blocks.
 
 DuckDB given a file it cannot use reports the wrong thing: a SQLite file
 makes it reach for its SQLite extension (a download), and a truncated file
 fails a read only later, after a command may have begun writing to it. The
-headers tell both apart at once, and a refused file is never opened, so
-never changed.
+headers tell a foreign file at once, and it is never opened; a file cut
+short is caught right after opening, before anything is written to it.
 """
 
 from __future__ import annotations
 
 import os
 import stat
-import struct
+
+import duckdb
 
 from .errors import StoreCorruptError, StoreNotDuckDBError
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 DUCKDB_MAGIC = b"DUCK"
 DUCKDB_MAGIC_AT = 8  # after the main header's checksum
-# DuckDB's storage layout: a 4 KiB main header, two 4 KiB database headers (the active one has the
-# higher iteration), then `block_count` blocks of `block_alloc_size` bytes each.
-HEADER_BYTES = 4096
-FIRST_BLOCK_AT = 3 * HEADER_BYTES
-# A database header: checksum, iteration, meta block, free list, block count, block alloc size (uint64 each).
-DATABASE_HEADER = struct.Struct("<QQQQQQ")
-# Block sizes DuckDB may use; anything else means the header is not one this check understands.
-BLOCK_SIZES = frozenset(2**n for n in range(12, 31))
+# DuckDB's storage layout: a 4 KiB main header, two 4 KiB database headers, then blocks.
+FIRST_BLOCK_AT = 3 * 4096
 
 
 def refuse_unusable(path: str) -> None:
@@ -43,25 +38,39 @@ def refuse_unusable(path: str) -> None:
     if not stat.S_ISREG(mode):
         raise StoreNotDuckDBError(path, "it is not a regular file")
     with open(path, "rb") as file:
-        head = file.read(FIRST_BLOCK_AT)
-        size = os.fstat(file.fileno()).st_size
+        head = file.read(len(SQLITE_MAGIC))
     if head.startswith(SQLITE_MAGIC):
         raise StoreNotDuckDBError(path, "it is a SQLite database")
     if len(head) < DUCKDB_MAGIC_AT + len(DUCKDB_MAGIC):
         return
     if head[DUCKDB_MAGIC_AT:DUCKDB_MAGIC_AT + len(DUCKDB_MAGIC)] != DUCKDB_MAGIC:
         raise StoreNotDuckDBError(path, "it does not start with DuckDB's header")
-    if len(head) < FIRST_BLOCK_AT:
+
+
+def refuse_missing_blocks(con: duckdb.DuckDBPyConnection, path: str) -> None:
+    """Raise StoreCorruptError if a block the tables use lies past the end of the file.
+
+    A file cut short may still open, and fail only a later read, after a command has begun to write.
+    Called right after opening, before anything is written. (The header's own block count cannot
+    tell: DuckDB may shorten the file past free blocks without rewriting it.)
+    """
+    tables = [row[0] for row in con.execute(
+        "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database()").fetchall()]
+    if not tables:
         return
-    needed = _bytes_the_header_counts(head)
-    if needed is not None and size < needed:
-        raise StoreCorruptError(path, f"it holds {size} bytes, but its header counts blocks up to byte {needed}")
+    block_size = con.execute("SELECT block_size FROM pragma_database_size()").fetchone()[0]
+    per_table = " UNION ALL ".join(
+        "SELECT greatest(max(block_id), max(list_max(additional_block_ids))) AS block "
+        f"FROM pragma_storage_info({_sql_string(table)})" for table in tables
+    )
+    last_block = con.execute(f"SELECT max(block) FROM ({per_table})").fetchone()[0]
+    if last_block is None or last_block < 0:
+        return
+    needed = FIRST_BLOCK_AT + (last_block + 1) * block_size
+    size = os.path.getsize(path)
+    if size < needed:
+        raise StoreCorruptError(path, f"it holds {size} bytes, but its tables use blocks up to byte {needed}")
 
 
-def _bytes_the_header_counts(head: bytes) -> int | None:
-    """The file size the active database header implies, or None if the headers do not read as expected."""
-    headers = [DATABASE_HEADER.unpack_from(head, offset) for offset in (HEADER_BYTES, 2 * HEADER_BYTES)]
-    _, _, _, _, block_count, block_size = max(headers, key=lambda header: header[1])  # the higher iteration
-    if block_size not in BLOCK_SIZES or block_count > 2**40:
-        return None
-    return FIRST_BLOCK_AT + block_count * block_size
+def _sql_string(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
