@@ -86,11 +86,11 @@ json_values = st.recursive(
 )
 
 outcomes: Counter[str] = Counter()
-started = time.monotonic()
 
 
 @pytest.fixture(scope="module", autouse=True)
 def report_the_count(request: pytest.FixtureRequest) -> Iterator[None]:
+    started = time.monotonic()
     yield
     total = sum(outcomes.values())
     line = (f"suite loader fuzz: {total} examples in {time.monotonic() - started:.1f} s "
