@@ -4,7 +4,8 @@ Exit codes:
   0  the run completed and every case passed (other commands: success; `compare`: no regression)
   1  a case failed or errored, or the run was terminated; `verify`/`doctor` found a problem;
      `compare` found a regression (a case that passed in the first run does not in the second)
-  2  bad input: a malformed suite file, an unknown or ambiguous run id, bad arguments;
+  2  bad input: a malformed suite file, an unknown, ambiguous or empty run id, bad arguments,
+     a --db file that is no usable DuckDB database (left untouched);
      `compare` given a run that is still running
   3  the run could not be recorded: the database is locked, unwritable or full,
      or the final status write failed (the row is closed by the next command)
@@ -23,18 +24,21 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import duckdb
+
 # Imported here: what every local command needs. The store service, the controller, the HTTP
 # store client and the doctor are imported by their commands, so `run` and `runs` start fast.
 from . import __version__, admission, local_server, log, output, recovery, report, summary
+from .arguments import PORT, SECONDS, number, whole_number
 from .models import RunStatus, Suite
 from .runner import ResumeError, RunOptions, RunResult, StatusWriteFailed, run_suite
 from .timing import (API_REQUEST_TIMEOUT_S, DEADLINE_GRACE_S, HEARTBEAT_LEASE_S, JOB_TTL_S, SCAN_INTERVAL_S,
                      SHUTDOWN_DEFER_S, SWEEP_INTERVAL_S)
 from .owner import pod_from_env, this_process
 from .store import DuckDBStore, StoreError
-from .store.errors import StoreLockedError
+from .store.errors import StoreFileUnusable, StoreLockedError, translate
 from .store.duckdb_store import utcnow
-from .store.records import RunRow, StrandedCases
+from .store.records import CaseRow, RunRow, StrandedCases
 from .suites import SuiteFileError, load_suite
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_NOT_RECORDED, EXIT_REFUSED = 0, 1, 2, 3, 4
@@ -59,6 +63,8 @@ class UsageError(Exception):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.junit is not None:
+        refuse_unwritable("--junit", args.junit)  # before the run: a report it cannot write would fail it
     suite = load_suite(args.suite)
     try:
         with open_store(args) as store:
@@ -83,7 +89,7 @@ def _run(args: argparse.Namespace, suite: Suite, store: Any, make_room: Callable
         quiet = log.PER_CASE_EVENTS if args.log_format == "console" else frozenset()
         log.configure(args.log_format, args.log_level, stream=bar.log_stream(), quiet=quiet)
     options = RunOptions(
-        resume_from=resolve_run_id(store, args.resume).id if args.resume else None,
+        resume_from=resolve_run_id(store, args.resume).id if args.resume is not None else None,
         deadline_grace_s=args.deadline_grace,
         source=str(Path(args.suite).resolve()),
         search_path=(str(Path(args.suite).resolve().parent),),
@@ -92,16 +98,34 @@ def _run(args: argparse.Namespace, suite: Suite, store: Any, make_room: Callable
     )
     try:
         result = asyncio.run(run_suite(suite, store, options, progress=lambda _id, o: bar.update(o.verdict)))
+    except StatusWriteFailed as failed:
+        # The run happened; only its last write did not. Its reports still say what it did (exit 3 follows).
+        bar.finish()
+        if failed.run is not None and failed.unwritten is not None:
+            _report(args, *report.as_the_runner_meant(failed.run, failed.unwritten),
+                    status_write_failed=failed.unwritten.write_error)
+        raise
     finally:
         bar.finish()
-    cases = store.cases(result.run.id)
-    if args.junit:
-        Path(args.junit).write_bytes(report.junit_xml(result.run, cases))
-    if args.json:
-        print(report.dumps({"run": report.run_to_dict(result.run), "cases": [report.case_to_dict(c) for c in cases]}))
-    else:
-        print(report.run_summary_text(result.run, cases))
+    _report(args, result.run, store.cases(result.run.id))
     return run_exit_code(result)
+
+
+def _report(args: argparse.Namespace, run: RunRow, cases: Sequence[CaseRow],
+            status_write_failed: str | None = None) -> None:
+    """The run's reports: JUnit XML if asked for, and JSON or a table on stdout."""
+    if args.junit is not None:
+        Path(args.junit).write_bytes(report.junit_xml(run, cases, status_write_failed))
+    if args.json:
+        data: dict[str, Any] = {"run": report.run_to_dict(run), "cases": [report.case_to_dict(c) for c in cases]}
+        if status_write_failed is not None:
+            data["status_write_failed"] = status_write_failed
+        print(report.dumps(data))
+    else:
+        text = report.run_summary_text(run, cases)
+        if status_write_failed is not None:
+            text += f"\nnot recorded: the final status write failed ({status_write_failed})"
+        print(text)
 
 
 def cmd_run_suite(args: argparse.Namespace) -> int:
@@ -365,6 +389,8 @@ class open_store:
 
 
 def resolve_run_id(store: DuckDBStore, text: str) -> RunRow:
+    if not text.strip():
+        raise UsageError("a run id cannot be empty (an empty prefix would match any run)")
     run = store.get_run(text)
     if run:
         return run
@@ -376,8 +402,20 @@ def resolve_run_id(store: DuckDBStore, text: str) -> RunRow:
     raise UsageError(f"run id prefix {text!r} is ambiguous: {', '.join(m.id for m in matches)}")
 
 
+def refuse_unwritable(option: str, path: str) -> None:
+    """A UsageError unless a file can be written at `path` (its directory exists and is writable)."""
+    target = Path(path)
+    directory = target.parent
+    if target.is_dir():
+        raise UsageError(f"{option}: cannot write {path}: it is a directory")
+    if not directory.is_dir():
+        raise UsageError(f"{option}: cannot write {path}: no such directory {directory}")
+    if not os.access(directory, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise UsageError(f"{option}: cannot write {path}: permission denied")
+
+
 def add_retention_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--retain-days", type=float, default=0, metavar="N",
+    p.add_argument("--retain-days", type=number("days"), default=0, metavar="N",
                    help="delete completed and failed runs (with their cases) that ended more than N days ago, "
                         "hourly; never a running one (default 0: keep everything)")
 
@@ -396,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--db", default=argparse.SUPPRESS, help=f"DuckDB file (default: {default_db_path()})")
     common.add_argument("--log-format", choices=log.LOG_FORMATS, default=argparse.SUPPRESS)
-    common.add_argument("--log-level", default=argparse.SUPPRESS, help="debug, info, warning, error")
+    common.add_argument("--log-level", type=str.lower, choices=log.LOG_LEVELS, default=argparse.SUPPRESS)
     common.add_argument("--no-recover", action="store_true", default=argparse.SUPPRESS,
                         help="do not terminate orphaned runs on open (inspect only)")
 
@@ -417,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the run and its cases as JSON")
     p.add_argument("--junit", metavar="PATH", help="also write JUnit XML to PATH")
     p.add_argument("--resume", metavar="RUN_ID", help="new attempt that carries over RUN_ID's completed cases")
-    p.add_argument("--deadline-grace", type=float, default=DEADLINE_GRACE_S, metavar="S",
+    p.add_argument("--deadline-grace", type=SECONDS, default=DEADLINE_GRACE_S, metavar="S",
                    help="seconds added to timeout_seconds * cases for the run's deadline (default %(default)s)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
@@ -427,22 +465,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="store service URL (default $EVALRUNNER_STORE_URL); token from the file $EVALRUNNER_STORE_TOKEN_FILE names, or $EVALRUNNER_STORE_TOKEN")
     p.add_argument("--run-id", help="the run id the controller chose for this attempt")
     p.add_argument("--resume", metavar="RUN_ID", help="carry over RUN_ID's completed cases")
-    p.add_argument("--deadline-grace", type=float, default=DEADLINE_GRACE_S, metavar="S")
+    p.add_argument("--deadline-grace", type=SECONDS, default=DEADLINE_GRACE_S, metavar="S")
     p.add_argument("--termination-log", default=os.environ.get("EVALRUNNER_TERMINATION_LOG", "/dev/termination-log"),
                    help="where the final summary goes (the container's terminationMessagePath)")
-    p.add_argument("--shutdown-defer", type=float, default=SHUTDOWN_DEFER_S, metavar="S",
+    p.add_argument("--shutdown-defer", type=SECONDS, default=SHUTDOWN_DEFER_S, metavar="S",
                    help="on SIGTERM, wait this long for the controller to record why before writing "
                         "shutdown_requested (default %(default)s)")
 
     p = add("serve", cmd_serve, "serve the /evals page, /metrics and the store API for a local database file")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--port", type=PORT, default=8080)
     p.add_argument("--admin-token-env", default="EVALRUNNER_ADMIN_TOKEN", metavar="VAR",
                    help="environment variable holding the admin token, which also enables the page's "
                         "terminate action (default %(default)s)")
     add_read_access_flags(p)
     add_retention_flag(p)
-    p.add_argument("--sweep-interval", type=float, default=SWEEP_INTERVAL_S, metavar="S",
+    p.add_argument("--sweep-interval", type=SECONDS, default=SWEEP_INTERVAL_S, metavar="S",
                    help="seconds between background sweeps for orphaned runs; 0 disables them (default %(default)s)")
 
     p = add("controller", cmd_controller, "run the Kubernetes operator and the store service")
@@ -451,22 +489,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--namespace", action="append", metavar="NS",
                    help="watch this namespace; repeat for several (default: every namespace)")
     p.add_argument("--host", default="0.0.0.0", help="store service address (default %(default)s)")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--port", type=PORT, default=8080)
     p.add_argument("--store-url-for-pods", metavar="URL",
                    help="the store service URL as runner pods reach it (default http://HOST:PORT)")
     p.add_argument("--admin-token-env", default="EVALRUNNER_ADMIN_TOKEN", metavar="VAR")
     add_read_access_flags(p)
-    p.add_argument("--scan-interval", type=float, default=SCAN_INTERVAL_S, metavar="S",
+    p.add_argument("--scan-interval", type=SECONDS, default=SCAN_INTERVAL_S, metavar="S",
                    help="how often pods are classified against the clock (default %(default)s)")
-    p.add_argument("--sweep-interval", type=float, default=SWEEP_INTERVAL_S, metavar="S")
-    p.add_argument("--heartbeat-timeout", type=float, default=HEARTBEAT_LEASE_S, metavar="S")
-    p.add_argument("--job-ttl", type=float, default=JOB_TTL_S, metavar="S",
+    p.add_argument("--sweep-interval", type=SECONDS, default=SWEEP_INTERVAL_S, metavar="S")
+    p.add_argument("--heartbeat-timeout", type=SECONDS, default=HEARTBEAT_LEASE_S, metavar="S")
+    p.add_argument("--job-ttl", type=number("seconds", minimum=-1), default=JOB_TTL_S, metavar="S",
                    help="delete a finished runner Job (and its pod) this long after its run row closed; "
                         "-1 keeps them (default %(default)s)")
     p.add_argument("--runner-image", default=os.environ.get("EVALRUNNER_RUNNER_IMAGE", f"evalrunner:{__version__}"),
                    metavar="IMAGE", help="the image of runner pods whose EvalRun names none: the controller's own "
                                          "(the Helm chart passes it; default %(default)s)")
-    p.add_argument("--api-timeout", type=float, default=API_REQUEST_TIMEOUT_S, metavar="S",
+    p.add_argument("--api-timeout", type=SECONDS, default=API_REQUEST_TIMEOUT_S, metavar="S",
                    help="give up on a Kubernetes API request after this long (default %(default)s)")
     p.add_argument("--token-audience", default="evalrunner-store", metavar="AUDIENCE",
                    help="audience of the service-account tokens runner pods present to the store; give each "
@@ -476,7 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("runs", cmd_runs, "list runs, newest first")
     p.add_argument("--status", choices=[s.value for s in RunStatus])
     p.add_argument("--suite")
-    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--limit", type=whole_number(1), default=50)
     p.add_argument("--json", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true", help="run ids only, one a line (for scripts)")
 
@@ -497,7 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="even if its owner process is alive")
 
     p = add("sweep", cmd_sweep, "terminate runs whose owner died, whose heartbeat lapsed or deadline passed")
-    p.add_argument("--heartbeat-timeout", type=float, default=HEARTBEAT_LEASE_S, metavar="S")
+    p.add_argument("--heartbeat-timeout", type=SECONDS, default=HEARTBEAT_LEASE_S, metavar="S")
 
     add("verify", cmd_verify, "the runbook's Verify: exit non-zero if any run is stuck at running")
     add("doctor", cmd_doctor, "check the database: lock holder, writability, free disk, schema version")
@@ -538,6 +576,8 @@ def dispatch(args: argparse.Namespace, argv: Sequence[str]) -> int:
         return _through_server(server, argv, fail)
     except SuiteFileError as exc:
         return fail(str(exc), EXIT_BAD_INPUT)
+    except StoreFileUnusable as exc:
+        return fail(str(exc), EXIT_BAD_INPUT)
     except (UsageError, ResumeError) as exc:
         return fail(str(exc), EXIT_BAD_INPUT)
     except admission.RunRefused as exc:
@@ -546,6 +586,11 @@ def dispatch(args: argparse.Namespace, argv: Sequence[str]) -> int:
         return fail(str(exc), EXIT_NOT_RECORDED)
     except StoreError as exc:
         return fail(str(exc), EXIT_NOT_RECORDED)
+    except duckdb.Error as exc:  # a read of a damaged file, past the checks at open
+        translated = translate(exc, args.db)
+        if translated is None:
+            raise
+        return fail(str(translated), EXIT_BAD_INPUT if isinstance(translated, StoreFileUnusable) else EXIT_NOT_RECORDED)
     except _target_errors() as exc:
         return fail(f"{args.__dict__.get('suite', 'suite')}: target: {exc}", EXIT_BAD_INPUT)
 

@@ -33,6 +33,7 @@ from typing import IO, Any
 import duckdb
 
 from .models import NAME_PATTERN, Case, Dataset
+from .suite_yaml import MAX_NESTING_DEPTH
 
 FORMAT_OF_SUFFIX = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 FORMAT_NAMES = {"jsonl": "JSON Lines", "csv": "CSV", "parquet": "Parquet"}
@@ -105,6 +106,8 @@ def _unreadable(path: Path) -> str | None:
         return f"no such file: {path}"
     if path.is_dir():
         return f"{path} is a directory, not a file"
+    if not path.is_file():
+        return f"{path} is not a regular file (a device or a pipe); give a dataset file"
     if not os.access(path, os.R_OK):
         return f"cannot read {path}: permission denied"
     return None
@@ -372,7 +375,7 @@ class _Reader:
 
     def _build(self, rows: list[tuple[Any, ...]], id_column: str | None,
                rejected: list[tuple[int, str]]) -> list[Case]:
-        loads = json.loads
+        loads = _json_value
         input_column, metadata_names = self.dataset.input, list(self.dataset.metadata)
         problems: list[RowProblem] = []
         cases: list[Case] = []
@@ -391,18 +394,26 @@ class _Reader:
                 problems.append(RowProblem(index, "id", f"duplicate case id {case_id!r}", first_row[case_id]))
             else:
                 first_row[case_id] = index
-            value = in_text if in_json is None else loads(in_json)
+            try:
+                value = in_text if in_json is None else loads(in_json, "input")
+            except _TooDeep as deep:
+                sound_id = first_row.get(case_id) == index or id_column is None
+                problems.append(RowProblem(index, deep.field, str(deep), case_id=case_id if sound_id else None))
+                continue
             if value is None:
                 sound_id = first_row.get(case_id) == index or id_column is None
                 problems.append(RowProblem(index, "input", f"missing (no value in column {input_column!r})",
                                            case_id=case_id if sound_id else None))
             if problems:
                 continue  # keep checking the other rows; build nothing more
-            cases.append(_case(
-                case_id, value, ex_text if ex_json is None else loads(ex_json),
-                {name: (meta[2 * i] if meta[2 * i + 1] is None else loads(meta[2 * i + 1]))
-                 for i, name in enumerate(metadata_names)},
-            ))
+            try:
+                cases.append(_case(
+                    case_id, value, ex_text if ex_json is None else loads(ex_json, "expected"),
+                    {name: (meta[2 * i] if meta[2 * i + 1] is None else loads(meta[2 * i + 1], f"metadata.{name}"))
+                     for i, name in enumerate(metadata_names)},
+                ))
+            except _TooDeep as deep:
+                problems.append(RowProblem(index, deep.field, str(deep)))
         if problems or rejected:
             raise DatasetError(self._describe(problems, rejected))
         return cases
@@ -427,6 +438,36 @@ class _Reader:
         if hidden:
             out.append(("dataset", f"{hidden:,} more problem(s) in other rows not shown"))
         return out
+
+
+class _TooDeep(ValueError):
+    def __init__(self, field: str):
+        self.field = field
+        super().__init__(f"nested deeper than {MAX_NESTING_DEPTH} levels")
+
+
+def _json_value(text: str, field: str) -> Any:
+    """A JSON value DuckDB handed back as text, refused when nested deeper than a suite file's may be:
+    code that walks it (encoding it for a target, storing it) recurses per level."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise _TooDeep(field) from None
+    if len(text) > 2 * MAX_NESTING_DEPTH and _depth(value) > MAX_NESTING_DEPTH:  # shorter text cannot be
+        raise _TooDeep(field)
+    return value
+
+
+def _depth(value: Any) -> int:
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if isinstance(node, dict):
+            stack.extend((child, depth + 1) for child in node.values())
+        elif isinstance(node, list):
+            stack.extend((child, depth + 1) for child in node)
+    return deepest
 
 
 _new = object.__new__

@@ -36,6 +36,8 @@ def diagnose(db_path: str) -> list[Check]:
         store = DuckDBStore.open(db_path)
     except errors.StoreLockedError as exc:
         return checks + [Check("lock", False, str(exc))]
+    except errors.StoreFileUnusable:
+        raise  # no database at all: bad input, which the caller reports as such, not a finding of the checks
     except errors.StoreError as exc:
         return checks + [Check("open", False, str(exc))]
     try:

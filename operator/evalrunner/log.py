@@ -37,6 +37,7 @@ STORE_RESERVE_UNAVAILABLE = "store.reserve_unavailable"
 STORE_REOPENED = "store.reopened"
 
 LOG_FORMATS = ("console", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 # One line per case: what a progress bar shows instead on a console (10,000 cases, 10,000 lines).
 PER_CASE_EVENTS = frozenset({CASE_COMPLETED, CASE_FAILED})
@@ -51,6 +52,8 @@ def configure(fmt: str = "console", level: str = "info", stream: TextIO | None =
     """
     if fmt not in LOG_FORMATS:
         raise ValueError(f"unknown log format {fmt!r}; expected one of {', '.join(LOG_FORMATS)}")
+    if level.lower() not in LOG_LEVELS:  # from $EVALRUNNER_LOG_LEVEL, which argparse does not see
+        raise ValueError(f"unknown log level {level!r}; expected one of {', '.join(LOG_LEVELS)}")
     global _per_case_events
     stream = stream or sys.stderr
     dropped = quiet if level.lower() != "debug" else frozenset()

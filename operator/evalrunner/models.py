@@ -33,6 +33,10 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 CALLABLE_PATTERN = r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$"
 
 
+# Numbers and flags a user writes are `strict=True` fields: pydantic would otherwise take `true` as 1
+# (`timeout_seconds: true` meant one second) and "5" as 5. A whole number still fills a float field.
+
+
 class Frozen(BaseModel):
     model_config = ConfigDict(
         frozen=True,
@@ -118,6 +122,7 @@ class HttpTarget(Frozen):
         "in both formats. Default: usage, as in OpenAI's replies.",
     )
     max_retries: int = Field(
+        strict=True,
         default=DEFAULT_HTTP_RETRIES,
         ge=0,
         le=MAX_HTTP_RETRIES,
@@ -125,10 +130,12 @@ class HttpTarget(Frozen):
         "exponential backoff with jitter or the reply's Retry-After, within the case's timeout. Default: 3.",
     )
     requests_per_minute: int | None = Field(
+        strict=True,
         default=None, ge=1, description="At most this many requests per minute over all cases of a run (retries "
         "included). Default: no limit.",
     )
     tokens_per_minute: int | None = Field(
+        strict=True,
         default=None, ge=1, description="At most this many tokens per minute over all cases of a run, as the "
         "replies' usage counts them (estimated before each call, settled after). Default: no limit.",
     )
@@ -181,6 +188,16 @@ class Target(Frozen):
 # ---------------------------------------------------------------- scorers
 
 ScorerName = Literal["exact", "contains", "regex", "json_equal", "numeric", "custom", "judge"]
+# The options each scorer reads. Any other one is refused: `tolerance` on an exact scorer would do nothing.
+SCORER_OPTIONS: dict[str, tuple[str, ...]] = {
+    "exact": ("case_sensitive", "strip"),
+    "contains": ("case_sensitive",),
+    "regex": ("case_sensitive",),
+    "json_equal": (),
+    "numeric": ("tolerance", "relative_tolerance"),
+    "custom": ("callable",),
+    "judge": ("http", "rubric", "max_score", "threshold"),
+}
 # A rubric is a prompt, not a document; the bound keeps EvalRun objects small.
 MAX_RUBRIC_CHARS = 20_000
 
@@ -208,6 +225,15 @@ class Scorer(Frozen):
                     "message": "the judge scorer needs `http` (the model that grades), and only the judge scorer "
                     "takes one",
                 },
+                {
+                    "rule": "(self.name in ['exact', 'contains', 'regex'] || !has(self.caseSensitive)) "
+                    "&& (self.name == 'exact' || !has(self.strip)) "
+                    "&& (self.name == 'numeric' || !(has(self.tolerance) || has(self.relativeTolerance))) "
+                    "&& (self.name == 'judge' || !(has(self.rubric) || has(self.maxScore) || has(self.threshold)))",
+                    "message": "a scorer takes only its own options: exact: caseSensitive, strip; contains and regex: "
+                    "caseSensitive; numeric: tolerance, relativeTolerance; custom: callable; judge: http, rubric, "
+                    "maxScore, threshold",
+                },
             ]
         }
     )
@@ -217,10 +243,12 @@ class Scorer(Frozen):
         # Bounds the CEL rule above in the API server's cost estimate.
         json_schema_extra={"maxLength": 16},
     )
-    case_sensitive: bool = Field(default=True, description="exact, contains, regex.")
-    strip: bool = Field(default=True, description="exact: ignore surrounding whitespace.")
-    tolerance: float = Field(default=0.0, ge=0, description="numeric: allowed absolute difference.")
-    relative_tolerance: float = Field(default=0.0, ge=0, description="numeric: allowed relative difference.")
+    case_sensitive: bool = Field(strict=True, default=True, description="exact, contains, regex.")
+    strip: bool = Field(strict=True, default=True, description="exact: ignore surrounding whitespace.")
+    tolerance: float = Field(strict=True, default=0.0, ge=0, description="numeric: allowed absolute difference.")
+    relative_tolerance: float = Field(
+        strict=True, default=0.0, ge=0, description="numeric: allowed relative difference."
+    )
     callable: str | None = Field(
         default=None,
         pattern=CALLABLE_PATTERN,
@@ -240,10 +268,12 @@ class Scorer(Frozen):
         "grading the output against expected from 0 to 1.",
     )
     max_score: float = Field(
+        strict=True,
         default=1.0, gt=0, description="judge: the top of the rubric's scale (10 for 0 to 10); scores are divided "
         "by it. Default: 1.",
     )
     threshold: float = Field(
+        strict=True,
         default=0.5, ge=0, le=1, description="judge: the case passes at this score or above, on the 0 to 1 scale. "
         "Default: 0.5.",
     )
@@ -267,6 +297,14 @@ class Scorer(Frozen):
             raise ValueError(f"`http` only applies to the judge scorer, not `{self.name}`")
         if self.rubric is not None and "{output}" not in self.rubric:
             raise ValueError("a judge rubric needs the placeholder {output}, or the judge never sees the output")
+        own = SCORER_OPTIONS[self.name]
+        foreign = sorted(self.model_fields_set - {"name"} - set(own))
+        if foreign:
+            raise ValueError(
+                f"the {self.name} scorer has no option{'s' if len(foreign) > 1 else ''} "
+                + ", ".join(f"`{option}`" for option in foreign) + "; "
+                + (f"its options are {', '.join(own)}" if own else "it takes none")
+            )
         return self
 
 
@@ -330,8 +368,8 @@ class Suite(Frozen):
 
     name: str = Field(pattern=NAME_PATTERN, description="Suite name; recorded on every run.")
     description: str | None = Field(default=None, description="Free text for people.")
-    timeout_seconds: float = Field(default=30, gt=0, le=86_400, description="Per case.")
-    concurrency: int = Field(default=4, ge=1, le=1024, description="Cases run at the same time.")
+    timeout_seconds: float = Field(strict=True, default=30, gt=0, le=86_400, description="Per case.")
+    concurrency: int = Field(strict=True, default=4, ge=1, le=1024, description="Cases run at the same time.")
     lock_policy: LockPolicy = Field(
         default=LockPolicy.FORBID,
         description="What a new run does while another run of this suite is live.",
@@ -593,9 +631,11 @@ class EvalRunSuite(Frozen):
     )
     description: str | None = Field(default=None, description="Inline suites: free text for people.")
     timeout_seconds: float | None = Field(
+        strict=True,
         default=None, gt=0, le=86_400, description="Inline suites: per-case timeout in seconds. Default: 30."
     )
     concurrency: int | None = Field(
+        strict=True,
         default=None, ge=1, le=1024, description="Inline suites: cases run at the same time. Default: 4."
     )
     target: Target | None = Field(default=None, description="Inline suites: what each case is run against.")
@@ -701,6 +741,7 @@ class EvalRunSpec(Frozen):
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
     )
     retries: int = Field(
+        strict=True,
         default=0,
         ge=0,
         le=MAX_RETRIES,
@@ -722,6 +763,7 @@ class EvalRunSpec(Frozen):
         "the Kubernetes API).",
     )
     start_timeout_seconds: int = Field(
+        strict=True,
         default=START_TIMEOUT_S,
         ge=1,
         le=86_400,
@@ -729,6 +771,7 @@ class EvalRunSpec(Frozen):
         "its attempt fails with cause never_started. Default: 120.",
     )
     deadline_grace_seconds: int = Field(
+        strict=True,
         default=int(DEADLINE_GRACE_S),
         ge=0,
         le=86_400,
@@ -741,6 +784,7 @@ class EvalRunSpec(Frozen):
         "from a Secret). Names starting with EVALRUNNER_ are reserved for the runner.",
     )
     ttl_seconds_after_finished: int | None = Field(
+        strict=True,
         default=None,
         ge=0,
         le=31_536_000,

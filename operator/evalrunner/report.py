@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import sys
 import threading
 import time
 import xml.etree.ElementTree as ET
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any, Sequence, TextIO
 
 from .store.records import CaseRow, RunRow
+from .summary import RunSummary
 from .usage import NONE, Usage
 
 
@@ -230,10 +233,27 @@ def _seconds(value: float | None) -> str | None:
     return None if value is None else f"{value:.2f}"
 
 
-def junit_xml(run: RunRow, cases: Sequence[CaseRow]) -> bytes:
+def as_the_runner_meant(run: RunRow, unwritten: RunSummary) -> tuple[RunRow, list[CaseRow]]:
+    """The run (`run` is its row as opened) and the cases it ran, as its runner meant to record them when
+    the final status write failed: what the run's reports still say."""
+    now = datetime.now(timezone.utc)
+    meant = dataclasses.replace(
+        run, status=unwritten.status, cause=unwritten.cause, error=unwritten.error, passed=unwritten.passed,
+        failed=unwritten.failed, errored=unwritten.errored, completed_at=now, terminated_by="runner",
+    )
+    cases = [
+        CaseRow(ev.row_id, ev.run_id, ev.name, ev.status, ev.started_at, ev.started_at, ev.completed_at, ev.error,
+                ev.cause, ev.passed, ev.score, ev.output, ev.detail, ev.duration_ms, None, ev.prompt_tokens,
+                ev.completion_tokens, ev.total_tokens)
+        for ev in unwritten.case_events(now)
+    ]
+    return meant, cases
+
+
+def junit_xml(run: RunRow, cases: Sequence[CaseRow], status_write_failed: str | None = None) -> bytes:
     suite_el = ET.Element(
         "testsuite",
-        name=run.suite,
+        name=xml_text(run.suite),
         tests=str(len(cases)),
         failures=str(sum(1 for c in cases if verdict(c) == "fail")),
         errors=str(sum(1 for c in cases if verdict(c) in ("error", "running"))),
@@ -243,19 +263,33 @@ def junit_xml(run: RunRow, cases: Sequence[CaseRow]) -> bytes:
     props = ET.SubElement(suite_el, "properties")
     for key in ("id", "status", "cause", "attempt", "parent_run_id"):
         value = getattr(run, key)
-        ET.SubElement(props, "property", name=f"run.{key}", value="" if value is None else str(value))
+        ET.SubElement(props, "property", name=f"run.{key}", value="" if value is None else xml_text(str(value)))
+    if status_write_failed is not None:  # the status above is the one the runner meant, not the row's
+        ET.SubElement(props, "property", name="run.status_write_failed", value=xml_text(status_write_failed))
     for case in cases:
         el = ET.SubElement(
-            suite_el, "testcase", classname=run.suite, name=case.name, time=f"{(case.duration_ms or 0) / 1000:.3f}"
+            suite_el, "testcase", classname=xml_text(run.suite), name=xml_text(case.name),
+            time=f"{(case.duration_ms or 0) / 1000:.3f}",
         )
         v = verdict(case)
         if v == "fail":
-            ET.SubElement(el, "failure", message=case.detail or "output did not match").text = case.output or ""
+            failure = ET.SubElement(el, "failure", message=xml_text(case.detail or "output did not match"))
+            failure.text = xml_text(case.output or "")
         elif v in ("error", "running"):
-            ET.SubElement(el, "error", message=case.error or v, type=case.cause or "error")
+            ET.SubElement(el, "error", message=xml_text(case.error or v), type=xml_text(case.cause or "error"))
         if case.output:
-            ET.SubElement(el, "system-out").text = case.output
+            ET.SubElement(el, "system-out").text = xml_text(case.output)
     return ET.tostring(ET.ElementTree(suite_el).getroot(), encoding="utf-8", xml_declaration=True)
+
+
+# Characters XML 1.0 cannot hold, even escaped. A target's output may hold any (a terminal colour
+# escape is \x1b), and a single one would make the whole report unreadable to a CI system.
+_NOT_IN_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def xml_text(text: str) -> str:
+    """`text` with each character XML cannot hold written out as its escape (`\\x1b`), visibly."""
+    return _NOT_IN_XML.sub(lambda found: ascii(found.group())[1:-1], text)
 
 
 def dumps(data: Any) -> str:

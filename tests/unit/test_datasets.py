@@ -19,7 +19,7 @@ import yaml
 from pydantic import ValidationError
 
 from helpers import EXAMPLES, copy_example_targets, run_cli
-from evalrunner import datasets, suites
+from evalrunner import datasets, suite_yaml
 from evalrunner.models import Case, Dataset
 from evalrunner.suites import SuiteFileError, load_suite, parse_suite
 
@@ -327,7 +327,7 @@ def test_cases_built_from_rows_are_the_cases_pydantic_builds(tmp_path):
 
 
 def test_the_fast_yaml_loader_is_used_and_keeps_line_numbers(tmp_path):
-    assert suites.YAML_LOADER is getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    assert suite_yaml.YAML_LOADER is getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     with pytest.raises(SuiteFileError, match=r"bad YAML: line 4, column 1: "):
         parse_suite("name: x\ncases:\n  - {id: a, input: [unclosed\n")
 

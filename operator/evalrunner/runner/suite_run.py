@@ -73,12 +73,15 @@ class RunResult:
 
 
 class StatusWriteFailed(Exception):
-    """The final status write failed (runbook case 2). Carries the original outcome too."""
+    """The final status write failed (runbook case 2). Carries the original outcome too, and, for the
+    reports a caller still owes its user, the row as opened and the summary of what the run did."""
 
     def __init__(self, run_id: str, intended: str, reason: str | None, original: BaseException | None,
-                 write_error: BaseException):
+                 write_error: BaseException, run: RunRow | None = None,
+                 unwritten: summary.RunSummary | None = None):
         self.run_id, self.intended, self.reason = run_id, intended, reason
         self.original, self.write_error = original, write_error
+        self.run, self.unwritten = run, unwritten
         why = f" ({reason})" if reason else ""
         super().__init__(
             f"run {run_id} ended {intended}{why}, but writing that to the database failed: "
@@ -306,21 +309,20 @@ class _SuiteRun:
                     await asyncio.sleep(0.1 * 3**attempt)
         else:
             assert last_error is not None
-            counts = _counts(self.outcomes)
-            kept = None
-            if self.options.keep_summary:
-                kept = self.options.keep_summary(summary.RunSummary(
-                    run.id, self.suite.name, status.value, cause_value, error, *counts,
-                    write_error=f"{type(last_error).__name__}: {last_error}",
-                    cases=tuple(summary.CaseResult.from_event(ev) for ev in self.final_events.values()),
-                ))
+            unwritten = summary.RunSummary(
+                run.id, self.suite.name, status.value, cause_value, error, *_counts(self.outcomes),
+                write_error=f"{type(last_error).__name__}: {last_error}",
+                cases=tuple(summary.CaseResult.from_event(ev) for ev in self.final_events.values()),
+            )
+            kept = self.options.keep_summary(unwritten) if self.options.keep_summary else None
             self.log.error(
                 log.SUITE_STATUS_WRITE_FAILED, intended_status=status.value, cause=cause_value,
                 original_error=repr(original) if original else error, summary_kept_at=kept,
                 exc_info=last_error,
             )
             reason = f"{cause_value}: {error}" if cause_value else error
-            raise StatusWriteFailed(run.id, status.value, reason, original, last_error) from last_error
+            raise StatusWriteFailed(run.id, status.value, reason, original, last_error, run=run,
+                                    unwritten=unwritten) from last_error
 
         if final is None:
             final = await self.worker.call(self.store.get_run, run.id) or run

@@ -37,7 +37,7 @@ from ..faults import Faults
 from ..models import Cause, RunStatus
 from ..owner import Owner
 from ..scope import Scope, lock_domain
-from . import errors
+from . import errors, file_check
 from .records import (
     Admission,
     CaseDifference,
@@ -96,6 +96,10 @@ _RECOUNT = (
 _STRANDED_CAUSE = (
     "CASE WHEN r.status = 'completed' THEN 'runner_error' ELSE coalesce(r.cause, 'manual') END"
 )
+
+# The store needs no extension beyond those built in (json, parquet, icu). Left on, DuckDB would download one
+# to read a file it was not meant to (a SQLite file as --db) and report that download's failure instead.
+OFFLINE = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
 
 # DuckDB raises TransactionException ("Conflict on update") when two
 # transactions update the same row; the second one is retried.
@@ -157,12 +161,15 @@ class DuckDBStore:
         path = str(path)
         try:
             if path != ":memory:":
+                file_check.refuse_unusable(path)
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
-            con = duckdb.connect(path)
+            con = duckdb.connect(path, config=OFFLINE)
         except (duckdb.Error, OSError) as exc:
             raise (errors.translate(exc, path) or errors.StoreError(f"cannot open database {path}: {exc}")) from exc
         store = cls(con, path, clock, faults)
         try:
+            if path != ":memory:":
+                file_check.refuse_missing_blocks(con, path)
             store._migrate()
         except errors.StoreError:
             con.close()

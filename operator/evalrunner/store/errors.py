@@ -71,11 +71,25 @@ class StoreSchemaTooNewError(StoreError):
         )
 
 
-class StoreCorruptError(StoreError):
+class StoreFileUnusable(StoreError):
+    """The file given as the database cannot be one: bad input, not a failure to record."""
+
+
+class StoreNotDuckDBError(StoreFileUnusable):
+    def __init__(self, path: str, what: str):
+        super().__init__(f"{path} is not a DuckDB database ({what}). It was left untouched; give an evalrunner "
+                         "database, or a path where none exists yet, with --db.")
+
+
+class StoreCorruptError(StoreFileUnusable):
     def __init__(self, path: str, detail: str):
-        super().__init__(f"{path} is not a usable DuckDB database ({detail}). The file was left untouched.")
+        super().__init__(f"the file at {path} is not a readable DuckDB database (truncated or corrupt: {detail}). "
+                         "It was left untouched; restore it from a copy, or give another path with --db.")
 
 
+# DuckDB's words for a file that is cut short or damaged, at open or at a later read.
+_CORRUPT = ("not a valid duckdb database", "could not read enough bytes", "corrupt database file",
+            "checksum mismatch", "does not match stored checksum")
 _LOCK = re.compile(r"Could not set lock on file .*?Conflicting lock is held in (?P<exe>.*?) \(PID (?P<pid>\d+)\)", re.S)
 
 
@@ -98,7 +112,7 @@ def translate(exc: BaseException, path: str) -> StoreError | None:
         or "cannot open file" in lowered and "read-only" in lowered
     ):
         return StoreReadOnlyError(path, first_line(text))
-    if isinstance(exc, duckdb.SerializationException) or "not a valid duckdb database" in lowered:
+    if isinstance(exc, duckdb.SerializationException) or any(sign in lowered for sign in _CORRUPT):
         return StoreCorruptError(path, first_line(text))
     return None
 
