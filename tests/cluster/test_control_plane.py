@@ -278,6 +278,29 @@ def test_pod_environment_mounts_and_termination_message(cluster, namespace, api)
     ]
 
 
+def test_a_configmap_volume_made_after_its_pod_is_mounted_whole(cluster, namespace, api):
+    """A kubelet starts no container until its volumes are mounted. The node agent once made the volume's
+    directory, failed on the missing ConfigMap, and on its retry took the empty directory for the volume:
+    the container started without its file (a runner's "suite file not found" under churn)."""
+    core = client.CoreV1Api(api)
+    core.create_namespaced_pod(namespace, {
+        "metadata": {"name": "late-volume"},
+        "spec": {"restartPolicy": "Never",
+                 "volumes": [{"name": "late", "configMap": {"name": "late"}}],
+                 "containers": [{"name": "main", "image": IMAGE, "command": ["cat", "/etc/late/key"],
+                                 "volumeMounts": [{"name": "late", "mountPath": "/etc/late"}]}]},
+    })
+    wait_for("the pod to wait for its ConfigMap", lambda: any(
+        (s.state.waiting and s.state.waiting.reason in ("CreateContainerConfigError", "ContainerCreating"))
+        for s in (core.read_namespaced_pod("late-volume", namespace).status.container_statuses or [])))
+    time.sleep(1.5)  # at least one failed try
+    core.create_namespaced_config_map(namespace, {"metadata": {"name": "late"}, "data": {"key": "arrived"}})
+    pod = wait_for("the pod to end", lambda: (p := core.read_namespaced_pod("late-volume", namespace))
+                   and p.status.phase in ("Succeeded", "Failed") and p)
+    assert pod.status.phase == "Succeeded", pod.status.container_statuses
+    assert cluster.pod_log(namespace, "late-volume").strip() == "arrived"
+
+
 def test_deleting_a_running_pod_kills_its_process(cluster, namespace, api):
     core = client.CoreV1Api(api)
     core.create_namespaced_pod(namespace, {

@@ -608,7 +608,12 @@ class PodRunner(threading.Thread):
                 raise ConfigError(f"volume {mount['name']!r} not found")
             src = vols / _safe(vol["name"])
             if not src.exists() and "hostPath" not in vol:
-                self._materialize(vol, src)
+                # Made aside and renamed whole: a projection that fails (a ConfigMap not there yet) is
+                # retried, and must not leave an empty volume that the retry takes for a made one.
+                partial = vols / f".{_safe(vol['name'])}.partial"
+                shutil.rmtree(partial, ignore_errors=True)
+                self._materialize(vol, partial)
+                partial.rename(src)
             if "hostPath" in vol:
                 src = Path(vol["hostPath"]["path"])
             if mount.get("subPath"):
