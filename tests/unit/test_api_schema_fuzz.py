@@ -24,7 +24,14 @@ import urllib.request
 from collections import Counter
 
 import pytest
+import schemathesis  # the `test` extra: a missing fuzzer must fail the run, not skip it
 from hypothesis import HealthCheck, settings
+from schemathesis.checks import (
+    content_type_conformance,
+    not_a_server_error,
+    response_schema_conformance,
+    status_code_conformance,
+)
 from service_support import ServiceThread
 
 from evalrunner.faults import Faults
@@ -33,14 +40,6 @@ from evalrunner.service.auth import new_token
 from evalrunner.service.openapi import SPEC_PATH, shipped_spec
 from evalrunner.store import DuckDBStore, RunRequest
 from evalrunner.owner import this_process
-
-schemathesis = pytest.importorskip("schemathesis")  # the `test` extra
-from schemathesis.checks import (  # noqa: E402
-    content_type_conformance,
-    not_a_server_error,
-    response_schema_conformance,
-    status_code_conformance,
-)
 
 ADMIN = "admin-token-for-fuzzing"
 MAX_EXAMPLES = 50  # fuzzed per operation, after the examples and the coverage phase's boundary values
