@@ -26,7 +26,6 @@ run. Its cookie's Path is `/` so the browser sends it to /metrics as well.
 
 from __future__ import annotations
 
-import hmac
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
@@ -34,7 +33,7 @@ from aiohttp import web
 
 from .admin_session import COOKIE as ADMIN_COOKIE
 from .admin_session import AdminSessions, Session
-from .auth import bearer_token
+from .auth import bearer_token, same_secret
 from .context import json_error
 from .markup import query
 
@@ -43,11 +42,6 @@ READ_COOKIE_PATH = "/"  # /metrics as well as /evals
 LOGIN_PATH = "/evals/login"
 OPEN_PREFIXES = (LOGIN_PATH, "/evals/logout", "/evals/static/")
 REALM = 'Bearer realm="evalrunner"'
-
-
-def _secret_bytes(text: str) -> bytes:
-    # compare_digest refuses non-ASCII str; surrogateescape keeps undecodable header bytes comparable
-    return text.encode("utf-8", "surrogateescape")
 
 
 @dataclass
@@ -67,12 +61,10 @@ class ReadAccess:
         return bool(self.read_token)
 
     def read_token_matches(self, candidate: str) -> bool:
-        return bool(self.read_token) and bool(candidate) and hmac.compare_digest(
-            _secret_bytes(candidate), _secret_bytes(self.read_token))  # type: ignore[arg-type]
+        return self.sessions.token_matches(candidate)  # on bytes (auth.same_secret)
 
     def token_grants_reading(self, candidate: str) -> bool:
-        admin = bool(self.admin_token) and hmac.compare_digest(
-            _secret_bytes(candidate), _secret_bytes(self.admin_token))  # type: ignore[arg-type]
+        admin = bool(self.admin_token and candidate) and same_secret(candidate, self.admin_token)  # type: ignore[arg-type]
         return self.read_token_matches(candidate) or admin
 
     def read_session(self, request: web.Request) -> Session | None:
