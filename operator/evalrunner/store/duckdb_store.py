@@ -244,9 +244,20 @@ class DuckDBStore:
             self._local.cur, self._local.con = cur, self._con
         return cur
 
+    def _read_row(self, sql: str, params: object = None) -> tuple | None:
+        """The first row of a read, or None; the whole result is taken, so the read's transaction ends here.
+
+        DuckDB ends a read's transaction only once its result is used up: after
+        `fetchone()` it stays open on this thread's cursor until the thread's
+        next statement, and a thread that then idles would pin that snapshot,
+        keeping every version written since in memory and refusing checkpoints.
+        """
+        rows = self._cur().execute(sql, params).fetchall()
+        return rows[0] if rows else None
+
     def schema_version(self) -> int:
-        row = self._cur().execute("SELECT max(version) FROM schema_version").fetchone()
-        return int(row[0] or 0)
+        row = self._read_row("SELECT max(version) FROM schema_version")
+        return int(row[0] or 0) if row else 0
 
     def _migrate(self) -> None:
         cur = self._cur()
@@ -854,7 +865,7 @@ class DuckDBStore:
         self.tokens_revoked += 1
 
     def scope_for_token(self, token: str) -> Scope | None:
-        row = self._cur().execute("SELECT scope FROM api_tokens WHERE token_sha256 = ?", [_sha256(token)]).fetchone()
+        row = self._read_row("SELECT scope FROM api_tokens WHERE token_sha256 = ?", [_sha256(token)])
         return Scope.parse(row[0]) if row else None
 
     # ------------------------------------------------------------ reads
@@ -892,7 +903,8 @@ class DuckDBStore:
 
     def count_runs(self, status: str | None = None, suite: str | None = None) -> int:
         where, params = _run_filters(status, suite)
-        return int(self._cur().execute(f"SELECT count(*) FROM eval_runs {where}", params).fetchone()[0])
+        row = self._read_row(f"SELECT count(*) FROM eval_runs {where}", params)
+        return int(row[0]) if row else 0
 
     def attempts(self, run_id: str) -> list[RunRow]:
         """The chain of attempts a run belongs to, oldest first."""

@@ -54,16 +54,17 @@ def refuse_missing_blocks(con: duckdb.DuckDBPyConnection, path: str) -> None:
     Called right after opening, before anything is written. (The header's own block count cannot
     tell: DuckDB may shorten the file past free blocks without rewriting it.)
     """
+    # fetchall, never fetchone: a result left unfinished keeps its transaction open (see DuckDBStore._read_row).
     tables = [row[0] for row in con.execute(
         "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database()").fetchall()]
     if not tables:
         return
-    block_size = con.execute("SELECT block_size FROM pragma_database_size()").fetchone()[0]
+    block_size = con.execute("SELECT block_size FROM pragma_database_size()").fetchall()[0][0]
     per_table = " UNION ALL ".join(
         "SELECT greatest(max(block_id), max(list_max(additional_block_ids))) AS block "
         f"FROM pragma_storage_info({_sql_string(table)})" for table in tables
     )
-    last_block = con.execute(f"SELECT max(block) FROM ({per_table})").fetchone()[0]
+    last_block = con.execute(f"SELECT max(block) FROM ({per_table})").fetchall()[0][0]
     if last_block is None or last_block < 0:
         return
     needed = FIRST_BLOCK_AT + (last_block + 1) * block_size
