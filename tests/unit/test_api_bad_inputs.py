@@ -185,6 +185,7 @@ BAD_STARTS = {
     "timeout nan": (start_body(timeout_seconds="nan"), "timeout_seconds"),
     "timeout inf": (start_body(timeout_seconds="inf"), "timeout_seconds"),
     "timeout 1e308": (start_body(timeout_seconds=1e308), "timeout_seconds"),
+    "timeout an integer past a float's range": (start_body(timeout_seconds=10**400), "timeout_seconds"),
     "timeout negative": (start_body(timeout_seconds=-1), "timeout_seconds"),
     "timeout zero": (start_body(timeout_seconds=0), "timeout_seconds"),
     "timeout string": (start_body(timeout_seconds="5"), "timeout_seconds"),

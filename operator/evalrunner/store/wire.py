@@ -118,8 +118,10 @@ def _run_id(value: Any, field: str) -> str | None:
 
 def _number(value: Any, field: str, low: float, high: float, low_open: bool = False) -> float:
     """A finite JSON number in [low, high] (or (low, high]); never a string or a bool."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or not (low < value if low_open else low <= value) or value > high:
+    # Bounds before isfinite: an integer beyond a float's range (10**400) compares exactly, but
+    # would overflow math.isfinite. NaN fails every comparison.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not (low < value if low_open else low <= value) or value > high or not math.isfinite(value):
         bound = f"{'>' if low_open else '>='} {low:g} and <= {high:g}"
         raise WireError(f"{field}: must be a number {bound}, not {value!r}"[:300])
     return float(value)
@@ -333,6 +335,77 @@ def case_event_to_json(ev: CaseEvent) -> dict[str, Any]:
 def case_event_from_json(data: Any, index: int, run_id: str | None = None, where: str = "events") -> CaseEvent:
     """One case event, every field checked. With `run_id` (the run of the request's path), an event
     for another run's row is a WireForbidden."""
+    return _plain_case_event(data, run_id) or _checked_case_event(data, index, run_id, where)
+
+
+_NUMBER_TYPES = (int, float)
+_RUN_STATUS_SET, _CAUSE_SET = frozenset(RUN_STATUSES), frozenset(CAUSES)
+
+
+def _plain_text(value: Any, max_chars: int) -> bool:
+    return value is None or (type(value) is str and len(value) <= max_chars and value.isascii())
+
+
+def _plain_number(value: Any, low: float, high: float) -> bool:
+    return value is None or (type(value) in _NUMBER_TYPES and low <= value <= high)  # NaN fails both bounds
+
+
+def _plain_count(value: Any) -> bool:
+    return value is None or (type(value) is int and 0 <= value < 2**31)
+
+
+def _plain_case_event(data: Any, run_id: str | None) -> CaseEvent | None:
+    """The common case fast: an event that plainly passes every check of `_checked_case_event`, else None.
+
+    Events arrive by the hundred thousand, and the checked parse spends most
+    of its time naming fields for errors that almost never happen. This
+    path only answers "plainly valid" (ASCII text, exact types) and never
+    explains: anything else, valid or not, goes to the checked parse, which
+    decides and words the error. It must never accept what that parse
+    refuses (tests/unit/test_wire_fast_path.py holds it to that).
+    """
+    if type(data) is not dict or not data.keys() <= _CASE_EVENT_FIELD_SET:
+        return None
+    get = data.get
+    row_id, event_run_id, name, status = get("row_id"), get("run_id"), get("name"), get("status")
+    if type(row_id) is not str or type(event_run_id) is not str or type(name) is not str \
+            or len(event_run_id) > 2 * MAX_LABEL_CHARS or len(row_id) > 2 * MAX_LABEL_CHARS or not row_id.isascii() \
+            or (run_id is not None and event_run_id != run_id) or row_id != case_row_id(event_run_id, name) \
+            or not NAME_RE.match(name) or type(status) is not str or status not in _RUN_STATUS_SET:
+        return None
+    passed, cause, score, duration = get("passed"), get("cause"), get("score"), get("duration_ms")
+    error, output, detail = get("error"), get("output"), get("detail")
+    prompt, completion, total = get("prompt_tokens"), get("completion_tokens"), get("total_tokens")
+    if not (_plain_text(error, MAX_TEXT_CHARS) and _plain_text(output, MAX_OUTPUT_WIRE_CHARS)
+            and _plain_text(detail, MAX_TEXT_CHARS) and (passed is None or type(passed) is bool)
+            and (cause is None or (type(cause) is str and cause in _CAUSE_SET)) and _plain_number(score, -1e308, 1e308)
+            and _plain_number(duration, 0, 1e15) and _plain_count(prompt) and _plain_count(completion)
+            and _plain_count(total)):
+        return None
+    started, completed = _plain_ts(get("started_at")), get("completed_at")
+    if started is None:
+        return None
+    if completed is not None:
+        completed = _plain_ts(completed)
+        if completed is None:
+            return None
+    return CaseEvent(row_id, event_run_id, name, status, started, completed, error, cause, passed,
+                     None if score is None else float(score), output, detail,
+                     None if duration is None else float(duration), prompt, completion, total)
+
+
+def _plain_ts(value: Any) -> datetime | None:
+    """A request timestamp that plainly passes `_request_ts`, else None."""
+    if type(value) is not str or len(value) > 64 or not value.isascii():
+        return None
+    try:
+        ts = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return ts if _EARLIEST <= (ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc)) < _LATEST else None
+
+
+def _checked_case_event(data: Any, index: int, run_id: str | None, where: str) -> CaseEvent:
     where = f"{where}[{index}]"
     data = _object(data, where, _CASE_EVENT_FIELD_SET)
     for required in ("row_id", "run_id", "name", "status", "started_at"):
