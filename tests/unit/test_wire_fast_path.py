@@ -99,7 +99,7 @@ def test_a_plain_event_takes_the_fast_path():
 
 @pytest.mark.parametrize("change", [
     {"score": float("nan")}, {"score": True}, {"duration_ms": -1}, {"prompt_tokens": 2**31}, {"passed": 1},
-    {"status": "stuck"}, {"cause": "<script>"}, {"row_id": f"other/c000001"}, {"name": "a/b"},
+    {"status": "stuck"}, {"cause": "<script>"}, {"row_id": "other/c000001"}, {"name": "a/b"},
     {"started_at": "1969-12-31T00:00:00+00:00"}, {"output": "\ud800"}, {"extra": 1},
 ])
 def test_a_bad_event_is_refused_with_the_checked_parse_s_message(change):
