@@ -173,10 +173,15 @@ def _parse_ts(value: Any, field: str) -> datetime | None:
 _EARLIEST, _LATEST = datetime(1970, 1, 2, tzinfo=timezone.utc), datetime(9000, 1, 1, tzinfo=timezone.utc)
 
 
+def _storable(ts: datetime) -> bool:
+    """Within the years the store holds and reads back (a naive time counts as UTC)."""
+    return _EARLIEST <= (ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc)) < _LATEST
+
+
 def _request_ts(value: Any, field: str, nullable: bool) -> datetime | None:
     """A timestamp in a request: ISO 8601 text within years 1970..9000 (stored and read back as such)."""
     ts = _parse_ts(_text(value, field, 64, nullable), field)
-    if ts is not None and not _EARLIEST <= (ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc)) < _LATEST:
+    if ts is not None and not _storable(ts):
         raise WireError(f"{field}: must be between 1970 and 9000, not {value!r}")
     return ts
 
@@ -418,7 +423,7 @@ def _plain_ts(value: Any) -> datetime | None:
         ts = datetime.fromisoformat(value)
     except ValueError:
         return None
-    return ts if _EARLIEST <= (ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc)) < _LATEST else None
+    return ts if _storable(ts) else None
 
 
 def _checked_case_event(data: Any, index: int, run_id: str | None, where: str) -> CaseEvent:
