@@ -283,11 +283,12 @@ class World:
 
     # ------------------------------------------------------------ driving the controller
 
-    def sync_index(self) -> None:
-        """What the informers' listings would give: the fake API's pods, Jobs and nodes, now."""
+    def sync_index(self, resource_version: str | None = None) -> None:
+        """What the informers' listings would give: the fake API's pods, Jobs and nodes, now (at that version)."""
         index = self.controller.index
         for kind, plural in (("Pod", "pods"), ("Job", "jobs"), ("Node", "nodes")):
-            index.replace(plural, [copy.deepcopy(o) for (k, _, _), o in self.kube.objects.items() if k == kind])
+            index.replace(plural, [copy.deepcopy(o) for (k, _, _), o in self.kube.objects.items() if k == kind],
+                          resource_version)
 
     def watch_event(self, event_type: str, obj: dict[str, Any]) -> None:
         """A pod's watch event, as its informer delivers it: into the index, then to the controller."""

@@ -114,6 +114,31 @@ def test_finished_jobs_are_deleted_after_their_ttl_once_their_rows_closed(indexe
     assert indexed.store.get_run(rows["done"][1].id).status == "completed", "the rows stay"
 
 
+def test_a_read_answered_after_its_pod_was_deleted_does_not_bring_the_pod_back(indexed):
+    """A read that misses the index asks the API; if the pod's DELETED event lands while that read is in
+    flight, the read's answer is older than the deletion and must not put the pod back in the index (where
+    a deleted pod would look alive to the scan and to the token check until the next listing)."""
+    indexed.created(indexed.kube.add_evalrun("er", [suite("s", timeoutSeconds=600)], concurrencyPolicy="Allow"))
+    indexed.sync_index(resource_version="100")
+    pod = indexed.kube.pod_of(indexed.job("er", "s"), "Running", resourceVersion="105")
+    name = pod["metadata"]["name"]
+    api_read = indexed.kube.get_pod
+
+    def read_racing_the_deletion(namespace: str, pod_name: str) -> dict | None:
+        answer = api_read(namespace, pod_name)
+        indexed.kube.delete_pod(namespace, pod_name)
+        gone = {**pod, "metadata": {**pod["metadata"], "resourceVersion": "110"}}
+        indexed.watch_event("ADDED", pod)  # the watch catches up meanwhile: created, then deleted
+        indexed.watch_event("DELETED", gone)
+        return answer
+
+    indexed.kube.get_pod = read_racing_the_deletion
+    indexed.controller.kube.get_pod(NAMESPACE, name)
+    indexed.kube.get_pod = api_read
+    assert indexed.controller.index.get("pods", NAMESPACE, name) is None, "the stale read resurrected the pod"
+    assert indexed.controller.kube.get_pod(NAMESPACE, name) is None
+
+
 def test_the_index_keeps_what_the_classifier_reads_and_drops_the_rest():
     pod = {"metadata": {"name": "p", "namespace": "n", "uid": "u", "labels": {"a": "b"}, "managedFields": [1] * 50},
            "spec": {"nodeName": "node-0", "activeDeadlineSeconds": 90, "volumes": [{"name": "v"}] * 20,
@@ -128,3 +153,22 @@ def test_the_index_keeps_what_the_classifier_reads_and_drops_the_rest():
     assert not index.synced("pods")
     assert index.replace("pods", [pod]) == [] and index.synced("pods")
     assert [p["metadata"]["name"] for p in index.replace("pods", [])] == ["p"], "vanished while unwatched"
+
+
+def test_the_index_never_goes_back_in_time_for_an_object():
+    def pod(version: str, phase: str = "Running") -> dict:
+        return {"metadata": {"name": "p", "namespace": "n", "resourceVersion": version}, "status": {"phase": phase}}
+
+    index = ClusterIndex()
+    index.replace("pods", [], "100")
+    index.learn("pods", pod("120", "Failed"))  # a read ahead of the watch
+    index.apply("pods", "MODIFIED", pod("110"))  # the watch catching up
+    assert index.get("pods", "n", "p")["status"]["phase"] == "Failed"
+    index.learn("pods", pod("115"))  # a slower read
+    assert index.get("pods", "n", "p")["metadata"]["resourceVersion"] == "120"
+    assert index.replace("pods", [], "118") == [], "newer than the listing: not gone"
+    assert index.replace("pods", [], "125") != [], "no newer than the listing: gone"
+    index.learn("pods", pod("124"))  # read before that listing, answered after it
+    assert index.get("pods", "n", "p") is None
+    index.learn("pods", {"metadata": {"name": "p", "namespace": "n", "resourceVersion": "x"}})
+    assert index.get("pods", "n", "p") is not None, "versions that do not compare: the read is kept, as ever"

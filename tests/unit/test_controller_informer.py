@@ -11,6 +11,7 @@ import threading
 import time
 
 import pytest
+from controller_fakes import NAMESPACE, World, suite, ts
 from kube_stub import HungServer, ScriptedServer, api_client, pod
 
 from evalrunner.controller import informer as informer_mod
@@ -78,6 +79,60 @@ def test_a_410_relists_and_a_pod_deleted_meanwhile_is_delivered_as_deleted():
         server.items = [pod("b", "120")]  # "a" went away while no watch was open
         assert seen.wait_for(4)[2:] == [("DELETED", "a"), ("ADDED", "b")]
         assert [p["metadata"]["name"] for p in index.all(POD)] == ["b"]
+    finally:
+        watcher.stop()
+        server.close()
+
+
+def watches_opened(server: ScriptedServer, count: int, timeout: float = 5) -> None:
+    deadline = time.monotonic() + timeout
+    while len([q for q in server.requests if q.get("watch") == ["true"]]) < count:
+        assert time.monotonic() < deadline, server.requests
+        time.sleep(0.02)
+
+
+def test_a_pod_read_before_the_first_listing_is_not_taken_for_deleted_by_it():
+    """A restarted controller serves runners before its pod listing lands, and checking a runner's token reads
+    its pod from the API into the index. A pod created after the listing's snapshot is then in the index and
+    not in the listing: it must not be delivered as DELETED, which would close its live row as pod_deleted."""
+    world = World.build(indexed=True)
+    try:
+        world.created(world.kube.add_evalrun("er", [suite("s", timeoutSeconds=600)]))
+        live = world.kube.pod_of(world.job("er", "s"), "Running", {"running": {"startedAt": ts(world.clock.now)}},
+                                 resourceVersion="105")
+        name = live["metadata"]["name"]
+        run = world.runner_opens(live)
+        assert world.controller.kube.get_pod(NAMESPACE, name) is not None  # the token check's read
+        server = ScriptedServer([], resource_version="100", watches=[[{"type": "ADDED", "object": live}]])
+        seen = Seen()
+
+        def deliver(event_type: str, obj: dict) -> None:  # as the controller's informer hands events on
+            world.controller.on_runner_pod_event(obj, event_type)
+            seen(event_type, obj)
+
+        watcher = Informer(pods_source(server.url), world.controller.index, deliver).start()
+        try:
+            watches_opened(server, 2)  # the listing, then the first watch, were both handled
+            assert seen.events == [("ADDED", name)], "the pod newer than the listing was taken for deleted"
+            row = world.store.get_run(run.id)
+            assert (row.status, row.cause) == ("running", None)
+            assert world.controller.index.get(POD, NAMESPACE, name) is not None
+        finally:
+            watcher.stop()
+            server.close()
+    finally:
+        world.close()
+
+
+def test_a_pod_missing_from_a_listing_newer_than_its_read_is_deleted():
+    """The other side of the same line: a pod read at version 95 and absent from a listing at 100 is gone."""
+    server = ScriptedServer([pod("a", "90")], resource_version="100", watches=[])
+    index, seen = ClusterIndex(), Seen()
+    index.learn(POD, pod("b", "95"))  # read from the API, then deleted before the listing
+    watcher = Informer(pods_source(server.url), index, seen).start()
+    try:
+        assert seen.wait_for(2) == [("DELETED", "b"), ("ADDED", "a")]
+        assert [p["metadata"]["name"] for p in index.all(POD)] == ["a"]
     finally:
         watcher.stop()
         server.close()

@@ -12,7 +12,13 @@ Objects are kept slim: only the fields the classifier and the readers of
 A kind is trusted only once its first listing has completed (`synced`);
 before that, and for any name the index does not hold, `IndexedKube` asks the
 API (a pod created a moment ago may not have reached the watch yet, and the
-sweep must never call such a pod gone).
+sweep must never call such a pod gone). What such a read returns is kept
+(`learn`), but never over what the watch has shown since: resourceVersions
+are comparable within a resource (KEP-5504), so the index knows the version
+up to which it is complete, and a read older than that of an object it does
+not hold is of an object deleted since. A listing, likewise, drops only what
+is not newer than itself: a pod read after the listing's snapshot was taken
+is not one that vanished.
 """
 
 from __future__ import annotations
@@ -66,34 +72,99 @@ def key_of(obj: Obj) -> Key:
     return meta.get("namespace") or "", meta.get("name") or ""
 
 
+def version_of(obj: Obj | None) -> int | None:
+    """The object's resourceVersion as a number, or None when it is not one (then nothing is compared)."""
+    return parse_version(((obj or {}).get("metadata") or {}).get("resourceVersion"))
+
+
+def parse_version(text: str | None) -> int | None:
+    # KEP-5504's format: a positive decimal integer without leading zeros.
+    if not text or not text.isdigit() or text[0] == "0":
+        return None
+    return int(text)
+
+
+def _newer(a: int | None, b: int | None) -> bool:
+    """a is known to be newer than b (both comparable, a > b)."""
+    return a is not None and b is not None and a > b
+
+
+def _no_newer(a: int | None, b: int | None) -> bool:
+    """a is known to be no newer than b (both comparable, a <= b)."""
+    return a is not None and b is not None and a <= b
+
+
 class ClusterIndex:
-    """Runner pods, runner Jobs and nodes by (namespace, name); thread-safe, fed by `apply`."""
+    """Runner pods, runner Jobs and nodes by (namespace, name); thread-safe, fed by the informers and by reads."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._objects: dict[str, dict[Key, Obj]] = {kind: {} for kind in KINDS}
         self._synced: dict[str, bool] = {kind: False for kind in KINDS}
+        # Per kind, the version up to which the informer has shown everything (its listing, then its watch):
+        # an object not held and no newer than this was deleted by then.
+        self._complete_at: dict[str, int | None] = {kind: None for kind in KINDS}
 
-    # ------------------------------------------------------------ fed by the informers (and write-through)
+    # ------------------------------------------------------------ fed by the informers
 
     def apply(self, kind: str, event_type: str, obj: Obj) -> Obj:
         """Record a watch event (ADDED, MODIFIED, DELETED); returns the slim object."""
         slim = SLIM[kind](obj)
+        key, version = key_of(slim), version_of(slim)
         with self._lock:
+            self._advance(kind, version)
             if event_type == "DELETED":
-                self._objects[kind].pop(key_of(slim), None)
-            else:
-                self._objects[kind][key_of(slim)] = slim
+                self._objects[kind].pop(key, None)
+            elif not _newer(version_of(self._objects[kind].get(key)), version):  # a read may be ahead of the watch
+                self._objects[kind][key] = slim
         return slim
 
-    def replace(self, kind: str, objs: Iterable[Obj]) -> list[Obj]:
-        """A fresh listing: becomes the whole of `kind`. Returns what it dropped (deleted while unwatched)."""
-        fresh = {key_of(s): s for s in map(SLIM[kind], objs)}
+    def watched_to(self, kind: str, resource_version: str | None) -> None:
+        """The watch has shown everything up to this version (a bookmark)."""
         with self._lock:
-            gone = [obj for key, obj in self._objects[kind].items() if key not in fresh]
+            self._advance(kind, parse_version(resource_version))
+
+    def replace(self, kind: str, objs: Iterable[Obj], resource_version: str | None = None) -> list[Obj]:
+        """A fresh listing (at `resource_version`): becomes the whole of `kind`, but for objects read since
+        that are newer than it. Returns what it dropped: deleted while unwatched."""
+        fresh = {key_of(s): s for s in map(SLIM[kind], objs)}
+        listed_at = parse_version(resource_version)
+        with self._lock:
+            gone = []
+            for key, obj in self._objects[kind].items():
+                if key in fresh:
+                    continue
+                if _newer(version_of(obj), listed_at):
+                    fresh[key] = obj  # created after the listing's snapshot: its watch events are still to come
+                else:
+                    gone.append(obj)
             self._objects[kind] = fresh
             self._synced[kind] = True
+            self._complete_at[kind] = listed_at
         return gone
+
+    # ------------------------------------------------------------ fed by reads and writes of the API
+
+    def learn(self, kind: str, obj: Obj) -> Obj:
+        """An object as the API answered a read or a create: kept unless the index knows better.
+
+        Returns the slim object either way (it is the API's answer). Not kept
+        when the index holds a newer version, or holds none and is complete
+        past this one: the object was deleted since (its DELETED event landed
+        while this read was in flight), and keeping it would bring it back.
+        """
+        slim = SLIM[kind](obj)
+        key, version = key_of(slim), version_of(slim)
+        with self._lock:
+            held = self._objects[kind].get(key)
+            known_to = version_of(held) if held is not None else self._complete_at[kind]
+            if not _no_newer(version, known_to):
+                self._objects[kind][key] = slim
+        return slim
+
+    def _advance(self, kind: str, version: int | None) -> None:
+        if _newer(version, self._complete_at[kind]):
+            self._complete_at[kind] = version
 
     def forget(self, kind: str, namespace: str, name: str) -> None:
         with self._lock:
@@ -175,7 +246,7 @@ class IndexedKube:
     def create_owned(self, obj: Obj, evalrun: Obj) -> tuple[Obj, bool]:
         created, was_created = self.api.create_owned(obj, evalrun)
         if created.get("kind", obj.get("kind")) == "Job":
-            self.index.apply(JOB, "ADDED", created)
+            self.index.learn(JOB, created)
         return created, was_created
 
     def delete_job(self, namespace: str, name: str) -> None:
@@ -187,6 +258,4 @@ class IndexedKube:
         if held is not None:
             return held
         fetched = fetch(namespace, name)
-        if fetched is not None:
-            return self.index.apply(kind, "ADDED", fetched)
-        return None
+        return self.index.learn(kind, fetched) if fetched is not None else None

@@ -12,7 +12,9 @@ the index and is passed on (a pod's death is the controller's hot path).
   keep it fresh); a `410 Gone` or any error means a fresh listing, after a
   backoff that grows while the API server keeps failing.
 - Objects that vanished while no watch was open (found missing from a fresh
-  listing) are passed on as DELETED events, so nothing is missed.
+  listing) are passed on as DELETED events, so nothing is missed; an object
+  the index learned from a read newer than the listing is not among them
+  (index.py).
 
 Runs in its own thread; `stop()` ends it within one read timeout.
 """
@@ -122,14 +124,15 @@ class Informer:
         finally:
             resp.release_conn()
         items = body.get("items") or []
-        gone = self.index.replace(self.source.kind, items)
+        resource_version = (body.get("metadata") or {}).get("resourceVersion") or ""
+        gone = self.index.replace(self.source.kind, items, resource_version)
         self.synced.set()
         self.progress()
         for obj in gone:  # deleted while we were not watching
             self._deliver("DELETED", obj)
         for obj in items:
             self._deliver("ADDED", obj)
-        return (body.get("metadata") or {}).get("resourceVersion") or ""
+        return resource_version
 
     def _watch(self, resource_version: str) -> str:
         """Follow the watch until the server ends it; returns the resourceVersion to resume from."""
@@ -142,6 +145,7 @@ class Informer:
             if rv:
                 resource_version = rv
             if kind == "BOOKMARK":
+                self.index.watched_to(self.source.kind, rv)
                 continue
             self.index.apply(self.source.kind, kind, obj)
             self._deliver(kind, obj)
