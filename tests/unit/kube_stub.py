@@ -78,8 +78,14 @@ class ScriptedServer:
                     return self._json(200, found) if found else self._json(404, {"kind": "Status", "code": 404})
                 if query.get("watch") == ["true"]:
                     return self._watch()
-                self._json(200, {"kind": "PodList", "apiVersion": "v1", "items": stub.items,
-                                 "metadata": {"resourceVersion": stub.resource_version}})
+                # Paged as the API server pages a listing: `limit` items, then a `continue` token.
+                start = int(query.get("continue", ["0"])[0])
+                limit = int(query["limit"][0]) if "limit" in query else len(stub.items)
+                page = stub.items[start:start + limit]
+                meta = {"resourceVersion": stub.resource_version}
+                if start + limit < len(stub.items):
+                    meta["continue"] = str(start + limit)
+                self._json(200, {"kind": "PodList", "apiVersion": "v1", "items": page, "metadata": meta})
 
             def _watch(self) -> None:
                 script = stub.watches.pop(0) if stub.watches else []

@@ -70,6 +70,35 @@ def test_it_lists_then_follows_the_watch_and_resumes_from_the_last_version():
         server.close()
 
 
+def test_a_long_listing_is_read_in_pages_and_only_slim_objects_are_kept(monkeypatch):
+    """A restarted controller lists thousands of pods at once: page by page, keeping only what the index keeps,
+    so the listing's full objects never all sit in memory together."""
+    monkeypatch.setattr(informer_mod, "LIST_PAGE", 4)
+    big = [pod(f"p{i:02d}", str(i)) for i in range(10)]
+    for p in big:
+        p["spec"]["volumes"] = [{"name": "bulk", "configMap": {"name": "x" * 1000}}]  # not kept by the index
+    server = ScriptedServer(big, resource_version="300", watches=[[{"type": "ADDED", "object": pod("q", "301")}]])
+    index, seen = ClusterIndex(), Seen()
+    delivered: list[dict] = []
+
+    def on_event(event_type: str, obj: dict) -> None:
+        delivered.append(obj)
+        seen(event_type, obj)
+
+    watcher = Informer(pods_source(server.url), index, on_event).start()
+    try:
+        assert seen.wait_for(11) == [("ADDED", f"p{i:02d}") for i in range(10)] + [("ADDED", "q")]
+        lists = [q for q in server.requests if q.get("watch") != ["true"]]
+        assert [(q["limit"], q.get("continue")) for q in lists] == [(["4"], None), (["4"], ["4"]), (["4"], ["8"])]
+        watch = next(q for q in server.requests if q.get("watch") == ["true"])
+        assert watch["resourceVersion"] == ["300"], "the watch resumes from the listing's version"
+        assert len(index.all(POD)) == 11
+        assert all("volumes" not in obj["spec"] for obj in delivered[:10]), "handlers get the slim objects"
+    finally:
+        watcher.stop()
+        server.close()
+
+
 def test_a_410_relists_and_a_pod_deleted_meanwhile_is_delivered_as_deleted():
     server = ScriptedServer([pod("a", "90"), pod("b", "91")], watches=[410])
     index, seen = ClusterIndex(), Seen()

@@ -31,12 +31,16 @@ from kubernetes.client.rest import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
 from .. import log
-from .index import ClusterIndex
+from .index import SLIM, ClusterIndex
 
 WATCH_SECONDS = 240  # the server closes each watch after this; we reconnect at once
 READ_MARGIN_S = 30  # ... and we stop reading one that went silent past it
 CONNECT_TIMEOUT_S = 5
 BACKOFF_START_S, BACKOFF_MAX_S = 0.5, 30.0
+# A listing is read in pages of this many objects (client-go's pager uses the same), each slimmed before
+# the next is fetched: a restarted controller lists thousands of pods and Jobs, and held whole at once
+# their parsed JSON would take a hundred MiB or more, which the process would keep as its high-water mark.
+LIST_PAGE = 500
 
 OnEvent = Callable[[str, dict[str, Any]], None]  # (event type, object)
 
@@ -117,20 +121,31 @@ class Informer:
         return None
 
     def _list(self) -> str:
-        # No timeout of its own: a listing is an ordinary request, bounded by the client's (kube.py).
-        resp = self.source.list_fn(**self._selector(), _preload_content=False)
-        try:
-            body = json.loads(resp.data)
-        finally:
-            resp.release_conn()
-        items = body.get("items") or []
-        resource_version = (body.get("metadata") or {}).get("resourceVersion") or ""
+        """List the kind page by page into the index, then deliver what changed; returns the version to watch from."""
+        slim = SLIM[self.source.kind]
+        items: list[dict[str, Any]] = []
+        page_token: str | None = None
+        while True:
+            # No timeout of its own: a page is an ordinary request, bounded by the client's (kube.py).
+            # A continue token that expired mid-listing is a 410: the failure path lists again.
+            resp = self.source.list_fn(**self._selector(), limit=LIST_PAGE, _continue=page_token,
+                                       _preload_content=False)
+            try:
+                body = json.loads(resp.data)
+            finally:
+                resp.release_conn()
+            items += map(slim, body.get("items") or [])
+            meta = body.get("metadata") or {}
+            page_token = meta.get("continue")
+            if not page_token:
+                break
+        resource_version = meta.get("resourceVersion") or ""
         gone = self.index.replace(self.source.kind, items, resource_version)
         self.synced.set()
         self.progress()
         for obj in gone:  # deleted while we were not watching
             self._deliver("DELETED", obj)
-        for obj in items:
+        for obj in items:  # slim, as the index holds them: every handler reads only what the index keeps
             self._deliver("ADDED", obj)
         return resource_version
 
