@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 from controller_fakes import NAMESPACE, World, suite, terminated
 
+from evalrunner.controller import builders
 from evalrunner.controller.index import ClusterIndex, slim_pod
 from evalrunner.timing import HEARTBEAT_LEASE_S
 
@@ -172,3 +173,40 @@ def test_the_index_never_goes_back_in_time_for_an_object():
     assert index.get("pods", "n", "p") is None
     index.learn("pods", {"metadata": {"name": "p", "namespace": "n", "resourceVersion": "x"}})
     assert index.get("pods", "n", "p") is not None, "versions that do not compare: the read is kept, as ever"
+
+
+def test_a_listing_reads_its_pods_rows_at_once_and_closes_only_what_died(indexed):
+    """A restarted controller's pod listing: one store read for every listed pod's row, not one per pod (new
+    deaths wait behind the listing), with the same outcome as an ADDED event per pod."""
+    names = [f"done-{i}" for i in range(20)] + ["oom", "live", "unopened"]
+    for name in names:
+        indexed.created(indexed.kube.add_evalrun(name, [suite("s", timeoutSeconds=600)], concurrencyPolicy="Allow"))
+    pods = {}
+    for name in names[:-1]:
+        pods[name], run = indexed.started_pod(name, "s")
+        if name.startswith("done-"):
+            indexed.runner_finishes(run)
+            pods[name]["status"] = {"phase": "Succeeded", "containerStatuses": [
+                {"name": "runner", "state": terminated(0, indexed.clock.now, "Completed"), "restartCount": 0}]}
+    pods["oom"]["status"] = {"phase": "Failed", "containerStatuses": [
+        {"name": "runner", "state": terminated(137, indexed.clock.now, "OOMKilled"), "restartCount": 0}]}
+    pods["unopened"] = indexed.kube.pod_of(indexed.job("unopened", "s"), "Failed",
+                                           terminated(1, indexed.clock.now))  # died before its runner opened
+    for pod in pods.values():
+        indexed.kube.set_pod(pod)
+    indexed.sync_index()
+
+    point_reads = []
+    get_run = indexed.store.get_run
+    indexed.store.get_run = lambda run_id: point_reads.append(run_id) or get_run(run_id)
+    indexed.controller.on_runner_pods_listed(list(pods.values()))
+    indexed.store.get_run = get_run
+
+    rows = {name: indexed.store.get_run(builders.run_id_for(indexed.kube.evalrun(name)["metadata"]["uid"], "s", 1))
+            for name in names}
+    assert (rows["oom"].status, rows["oom"].cause) == ("failed", "oom_killed")
+    assert (rows["unopened"].status, rows["unopened"].cause) == ("failed", "error")
+    assert rows["live"].status == "running"
+    assert {rows[n].status for n in names if n.startswith("done-")} == {"completed"}
+    assert len(point_reads) <= 3, f"a row read per listed pod: {len(point_reads)} for {len(pods)} pods"
+    assert {key[1] for key in indexed.controller.queue.drain()} == set(names), "each pod's EvalRun gets its status"

@@ -99,6 +99,20 @@ def test_a_long_listing_is_read_in_pages_and_only_slim_objects_are_kept(monkeypa
         server.close()
 
 
+def test_a_listing_goes_to_its_handler_at_once_and_the_watch_events_after_it():
+    server = ScriptedServer([pod("a", "90"), pod("b", "91")], watches=[[{"type": "ADDED", "object": pod("c", "101")}]])
+    listings: list[list[str]] = []
+    index, seen = ClusterIndex(), Seen()
+    watcher = Informer(pods_source(server.url), index, seen,
+                       on_listing=lambda objs: listings.append([o["metadata"]["name"] for o in objs])).start()
+    try:
+        assert seen.wait_for(1) == [("ADDED", "c")]
+        assert listings == [["a", "b"]]
+    finally:
+        watcher.stop()
+        server.close()
+
+
 def test_a_410_relists_and_a_pod_deleted_meanwhile_is_delivered_as_deleted():
     server = ScriptedServer([pod("a", "90"), pod("b", "91")], watches=[410])
     index, seen = ClusterIndex(), Seen()

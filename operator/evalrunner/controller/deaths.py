@@ -55,6 +55,24 @@ class Deaths:
         if event_type is not None or acted:
             self.queue.mark(ref.namespace, ref.evalrun)
 
+    def on_listed(self, pods: list[dict[str, Any]]) -> None:
+        """A fresh listing of runner pods (a restart, a relist): `on_pod` for each, but one store read for all.
+
+        A restarted controller lists thousands of pods, most of them finished
+        with their rows closed. A row read per pod costs milliseconds, and new
+        deaths wait in the watch behind the listing; so the rows' statuses are
+        read at once, and only pods whose row is running or missing go on.
+        """
+        refs = [(pod, RunnerPod.of(pod)) for pod in pods]
+        statuses = self.store.run_statuses([ref.run_id for _, ref in refs if ref is not None])
+        for pod, ref in refs:
+            if ref is None:
+                continue
+            if statuses.get(ref.run_id, RunStatus.RUNNING.value) == RunStatus.RUNNING.value:
+                self.on_pod(pod, "ADDED")  # reads its row again, under the same rules as any event
+            else:
+                self.queue.mark(ref.namespace, ref.evalrun)  # closed: as its ADDED event would, status only
+
     def scan(self, namespaces: tuple[str, ...]) -> None:
         """Classify every live runner pod against the clock: one stuck Pending or on a lost node sends no event.
 

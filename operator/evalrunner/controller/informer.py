@@ -43,6 +43,7 @@ BACKOFF_START_S, BACKOFF_MAX_S = 0.5, 30.0
 LIST_PAGE = 500
 
 OnEvent = Callable[[str, dict[str, Any]], None]  # (event type, object)
+OnListing = Callable[[list[dict[str, Any]]], None]  # a fresh listing's objects, at once
 
 
 @dataclass(frozen=True)
@@ -62,10 +63,15 @@ class Source:
 class Informer:
     def __init__(self, source: Source, index: ClusterIndex, on_event: OnEvent | None = None,
                  watch_seconds: int = WATCH_SECONDS, read_margin_s: float = READ_MARGIN_S,
-                 connect_timeout_s: float = CONNECT_TIMEOUT_S, progress: Callable[[], None] | None = None):
+                 connect_timeout_s: float = CONNECT_TIMEOUT_S, progress: Callable[[], None] | None = None,
+                 on_listing: OnListing | None = None):
         self.source = source
         self.index = index
         self.on_event = on_event or (lambda _type, _obj: None)
+        # A listing's objects go to `on_listing` in one call when given (so a handler can batch its
+        # reads: the watch, and with it every new event, waits until the listing is handed over),
+        # else to `on_event` one by one as ADDED.
+        self.on_listing = on_listing
         self.watch_seconds = watch_seconds
         self.read_timeout_s = watch_seconds + read_margin_s
         self.connect_timeout_s = connect_timeout_s
@@ -145,8 +151,11 @@ class Informer:
         self.progress()
         for obj in gone:  # deleted while we were not watching
             self._deliver("DELETED", obj)
-        for obj in items:  # slim, as the index holds them: every handler reads only what the index keeps
-            self._deliver("ADDED", obj)
+        if self.on_listing is not None:  # slim, as the index holds them: handlers read only what it keeps
+            self._deliver_listing(items)
+        else:
+            for obj in items:
+                self._deliver("ADDED", obj)
         return resource_version
 
     def _watch(self, resource_version: str) -> str:
@@ -184,6 +193,14 @@ class Informer:
 
     def _selector(self) -> dict[str, Any]:
         return {"label_selector": self.source.label_selector} if self.source.label_selector else {}
+
+    def _deliver_listing(self, items: list[dict[str, Any]]) -> None:
+        assert self.on_listing is not None
+        try:
+            self.on_listing(items)
+        except Exception as exc:  # as for one event: logged, and the watch goes on (the sweep covers the rest)
+            self.log.error("controller.event_failed", watch=self.source.describe(), object=f"listing of {len(items)}",
+                           error=f"{type(exc).__name__}: {exc}")
 
     def _deliver(self, event_type: str, obj: dict[str, Any]) -> None:
         try:

@@ -116,7 +116,8 @@ def run_controller(options: ControllerOptions) -> int:
         announcer = Announcer(IndexedKube(kube, index)).start()
         controller = Controller(store, kube, settings, index=index, progress=lambda: health.progressed("refresh"),
                                 announce=announcer)
-        informers = [Informer(source, index, _event_handler(controller, source.kind, health))
+        informers = [Informer(source, index, _event_handler(controller, source.kind, health),
+                              on_listing=_listing_handler(controller, source.kind, health))
                      for source in kube.sources(options.namespaces)]
         for informer in informers:
             informer.start()
@@ -140,6 +141,17 @@ def _event_handler(controller: Controller, kind: str, health: Health):
     if kind == NODE:
         return lambda event_type, node: controller.on_node_event(node, event_type)
     return lambda event_type, job: controller.on_runner_job_event(job, event_type)
+
+
+def _listing_handler(controller: Controller, kind: str, health: Health):
+    """Runner pods' listings go to the controller at once (it reads their rows in bulk); other kinds' as events."""
+    if kind != POD:
+        return None
+
+    def on_pods_listed(pods: list[dict]) -> None:
+        health.saw_event()
+        controller.on_runner_pods_listed(pods)
+    return on_pods_listed
 
 
 async def _serve(options: ControllerOptions, store: DuckDBStore, controller: Controller, health: Health,

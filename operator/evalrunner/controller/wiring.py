@@ -75,6 +75,10 @@ class Controller:
     def on_runner_pod_event(self, pod: dict[str, Any], event_type: str | None) -> None:
         self.deaths.on_pod(pod, event_type)
 
+    def on_runner_pods_listed(self, pods: list[dict[str, Any]]) -> None:
+        """The pod informer's listing: each pod as an ADDED event, with the store read in bulk."""
+        self.deaths.on_listed(pods)
+
     def on_node_event(self, node: dict[str, Any], event_type: str | None) -> None:
         """A node changed (NotReady, deleted): judge its runner pods now rather than at the next scan."""
         conditions = (node.get("status") or {}).get("conditions") or []
