@@ -193,6 +193,7 @@ class Controller:
             except OSError:
                 pass
             if time.monotonic() > deadline:
+                self.stop(signal.SIGKILL)  # not left behind, serving and writing, after the bench gives up
                 raise RuntimeError(f"controller not healthy after 60 s; see {self.log_path}")
             time.sleep(0.2)
 
