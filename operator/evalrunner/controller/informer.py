@@ -152,7 +152,7 @@ class Informer:
         for obj in gone:  # deleted while we were not watching
             self._deliver("DELETED", obj)
         if self.on_listing is not None:  # slim, as the index holds them: handlers read only what it keeps
-            self._deliver_listing(items)
+            self._deliver_listing(self.on_listing, items)
         else:
             for obj in items:
                 self._deliver("ADDED", obj)
@@ -194,10 +194,9 @@ class Informer:
     def _selector(self) -> dict[str, Any]:
         return {"label_selector": self.source.label_selector} if self.source.label_selector else {}
 
-    def _deliver_listing(self, items: list[dict[str, Any]]) -> None:
-        assert self.on_listing is not None
+    def _deliver_listing(self, on_listing: OnListing, items: list[dict[str, Any]]) -> None:
         try:
-            self.on_listing(items)
+            on_listing(items)
         except Exception as exc:  # as for one event: logged, and the watch goes on (the sweep covers the rest)
             self.log.error("controller.event_failed", watch=self.source.describe(), object=f"listing of {len(items)}",
                            error=f"{type(exc).__name__}: {exc}")
