@@ -479,7 +479,8 @@ class LoadGen:
                               for n in todo[i:i + self.batch]]
                     report = await self.call_store(base, token, "cases", f"/runs/{run_id}/cases",
                                                    {"events": [wire.case_event_to_json(e) for e in events]})
-                    saved = len(events) - len(report.get("failures") or {})
+                    # A fenced batch (its run closed meanwhile) wrote nothing: none of it was acknowledged.
+                    saved = 0 if report.get("fenced") else len(events) - len(report.get("failures") or {})
                     self.acked[run_id] += saved
                     t = time.time()
                     self.stats.cases_acked += saved
