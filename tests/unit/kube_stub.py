@@ -48,8 +48,7 @@ class HungServer:
 
 
 class ScriptedServer:
-    """Serves `GET /api/v1/pods`: a listing of `items`, or (watch=true) the next script of events;
-    and `GET /api/v1/namespaces/{ns}/pods/{name}`: that pod from `pods` (a read), or 404.
+    """Serves `GET /api/v1/pods`: a listing of `items`, or (watch=true) the next script of events.
 
     `watches` is a list of scripts, one per watch request: each a list of
     events ({"type", "object"}) or an int status to answer the watch with
@@ -61,7 +60,6 @@ class ScriptedServer:
         self.items = items
         self.resource_version = resource_version
         self.watches = list(watches or [])
-        self.pods: dict[str, dict[str, Any]] = {}  # name -> what a read of that pod answers
         self.requests: list[dict[str, list[str]]] = []
         stub = self
 
@@ -70,12 +68,8 @@ class ScriptedServer:
                 pass
 
             def do_GET(self) -> None:  # noqa: N802 (the http.server API)
-                url = urlparse(self.path)
-                query = parse_qs(url.query)
+                query = parse_qs(urlparse(self.path).query)
                 stub.requests.append(query)
-                if url.path.startswith("/api/v1/namespaces/"):  # a read of one pod
-                    found = stub.pods.get(url.path.rsplit("/", 1)[-1])
-                    return self._json(200, found) if found else self._json(404, {"kind": "Status", "code": 404})
                 if query.get("watch") == ["true"]:
                     return self._watch()
                 # Paged as the API server pages a listing: `limit` items, then a `continue` token.

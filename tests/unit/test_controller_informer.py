@@ -43,6 +43,13 @@ def pods_source(url: str, timeout: float = 5.0) -> Source:
     return source
 
 
+def watches_opened(server: ScriptedServer, count: int, timeout: float = 5) -> None:
+    deadline = time.monotonic() + timeout
+    while len([q for q in server.requests if q.get("watch") == ["true"]]) < count:
+        assert time.monotonic() < deadline, server.requests
+        time.sleep(0.02)
+
+
 @pytest.fixture(autouse=True)
 def quick_backoff(monkeypatch):
     monkeypatch.setattr(informer_mod, "BACKOFF_START_S", 0.05)
@@ -59,10 +66,8 @@ def test_it_lists_then_follows_the_watch_and_resumes_from_the_last_version():
     try:
         assert seen.wait_for(3) == [("ADDED", "a"), ("ADDED", "b"), ("DELETED", "a")]
         assert index.synced(POD) and [p["metadata"]["name"] for p in index.all(POD)] == ["b"]
-        deadline = time.monotonic() + 5
-        while len(watches := [q for q in server.requests if q.get("watch") == ["true"]]) < 3:
-            assert time.monotonic() < deadline, server.requests
-            time.sleep(0.05)
+        watches_opened(server, 3)
+        watches = [q for q in server.requests if q.get("watch") == ["true"]]
         assert [w["resourceVersion"] for w in watches[:3]] == [["100"], ["105"], ["106"]], "resumed, not relisted"
         assert all(q["labelSelector"] == [RUNNER_SELECTOR] for q in server.requests), "the server selects"
     finally:
@@ -125,13 +130,6 @@ def test_a_410_relists_and_a_pod_deleted_meanwhile_is_delivered_as_deleted():
     finally:
         watcher.stop()
         server.close()
-
-
-def watches_opened(server: ScriptedServer, count: int, timeout: float = 5) -> None:
-    deadline = time.monotonic() + timeout
-    while len([q for q in server.requests if q.get("watch") == ["true"]]) < count:
-        assert time.monotonic() < deadline, server.requests
-        time.sleep(0.02)
 
 
 def test_a_pod_read_before_the_first_listing_is_not_taken_for_deleted_by_it():
