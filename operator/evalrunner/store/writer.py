@@ -10,21 +10,33 @@ process never interleave, and a check inside a write sees every earlier write.
 
 Reads stay on the caller's thread (each with its own cursor); DuckDB gives
 them a consistent snapshot.
+
+The writer shares the GIL with an event loop (the service's, the runner's).
+DuckDB's Python client takes the GIL back between a statement's executor
+tasks (to check for Ctrl-C), and each time it waits up to the interpreter's
+switch interval behind the loop. At Python's default of 5 ms that made a
+write of 6,000 case rows 2.3x slower beside a busy loop; at 0.5 ms, 1.4x
+(bench/store_ingest.py measures the whole service). So a process that has a
+writer switches threads at least that often.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, TypeVar
 
 T = TypeVar("T")
 
+SWITCH_INTERVAL_S = 0.0005
+
 
 class Writer:
     def __init__(self, name: str = "evalrunner-writer"):
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._thread_id: int | None = None
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
 
     def run(self, fn: Callable[[], T]) -> T:
         """Run `fn` on the writer thread and return its result (or raise its exception).
