@@ -329,6 +329,36 @@ def test_every_write_runs_on_the_one_writer_thread(store):
     assert len(writers) == 1 and threading.get_ident() not in writers
 
 
+def test_a_store_makes_its_process_switch_threads_often_enough_for_its_writer(store):
+    """DuckDB takes the GIL back between executor tasks; at Python's 5 ms a busy loop stalls every write."""
+    import sys
+
+    from evalrunner.store.writer import SWITCH_INTERVAL_S
+
+    assert sys.getswitchinterval() <= SWITCH_INTERVAL_S
+    sys.setswitchinterval(SWITCH_INTERVAL_S / 5)  # a process that asked for less keeps it
+    try:
+        DuckDBStore.open(":memory:").close()
+        assert sys.getswitchinterval() == pytest.approx(SWITCH_INTERVAL_S / 5, abs=2e-6)  # kept in whole µs
+    finally:
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
+
+
+def test_latest_attempt_is_the_highest_attempt_of_the_ids_in_that_scope(store):
+    """What the controller reads on every reconcile: a suite's current attempt, whatever the order of ids."""
+    ours, theirs = Scope("ns", "er", "uid-1"), Scope("ns", "other", "uid-2")
+    first = store.start_run(request(suite="q", scope=ours)).run
+    store.finish_run(first.id, RunStatus.FAILED, cause=Cause.CASE_RAISED.value)
+    second = store.start_run(request(suite="q", scope=ours, parent_run_id=first.id)).run
+    elsewhere = store.start_run(request(suite="q2", scope=theirs)).run
+    assert second.attempt == 2
+    for ids in ([first.id, second.id], [second.id, first.id]):
+        assert store.latest_attempt(ids, ours).id == second.id
+    assert store.latest_attempt([first.id, elsewhere.id], theirs).id == elsewhere.id
+    assert store.latest_attempt([first.id], theirs) is None
+    assert store.latest_attempt(["no-such-run"]) is None
+
+
 def test_case_rows_stranded_by_manual_sql_are_closed_with_the_run_cause(store):
     """The runbook's SQL fails the run row only; the repair fails its running cases, keeping the run as written."""
     manual = store.start_run(request(suite="manual")).run

@@ -881,8 +881,11 @@ class DuckDBStore:
         where, params = "WHERE list_contains(?, id)", [list(run_ids)]
         if scope is not None:
             where, params = where + " AND scope = ?", [*params, _scope_text(scope)]
-        rows = self._select_runs(self._cur(), f"{where} ORDER BY attempt DESC LIMIT 1", params)
-        return rows[0] if rows else None
+        # The highest attempt picked here, not by ORDER BY … LIMIT: DuckDB's top-N takes
+        # buffer blocks whose handles its eviction queue keeps long after the query, and the
+        # controller asks this on every reconcile (a suite has a handful of attempts).
+        rows = self._select_runs(self._cur(), where, params)
+        return max(rows, key=attrgetter("attempt")) if rows else None
 
     def get_run(self, run_id: str) -> RunRow | None:
         rows = self._select_runs(self._cur(), "WHERE id = ?", [run_id])
