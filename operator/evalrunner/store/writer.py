@@ -15,7 +15,7 @@ The writer shares the GIL with an event loop (the service's, the runner's).
 DuckDB's Python client takes the GIL back between a statement's executor
 tasks (to check for Ctrl-C), and each time it waits up to the interpreter's
 switch interval behind the loop. At Python's default of 5 ms that made a
-write of 6,000 case rows 2.3x slower beside a busy loop; at 0.5 ms, 1.4x
+write of 6,000 case rows 2.2x slower beside a busy loop; at 0.5 ms, 1.35x
 (bench/store_ingest.py measures the whole service). So a process that has a
 writer switches threads at least that often.
 """
